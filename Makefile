@@ -1,0 +1,17 @@
+# Two commands on a fresh machine:  make train   (main job)   and   make test   (the tests).
+PYTHON ?= python3
+
+.PHONY: install train test bench
+
+install:
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .
+
+train: install
+	$(PYTHON) -m pipenag train --out runs/main
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m pipenag bench optimizer

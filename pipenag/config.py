@@ -1,0 +1,351 @@
+"""Run configuration: nested dataclasses, loaded from TOML, overridden from the command line.
+
+    python -m pipenag train --config configs/tiny.toml --optim.lr=1e-3 --pipeline.num_stages=2
+
+Every field carries a docstring (the string right below it). `load_config` applies, in order:
+the dataclass defaults, the TOML file, then `--section.key=value` overrides; each section checks
+itself in `__post_init__` and raises ValueError naming the field and the bad value. The resolved
+config is saved as JSON in the run folder (`Config.to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 8
+    """Number of transformer blocks (the paper: one block per stage)."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 128
+    """Context length in tokens (sequence length of every training example)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 means: take it from the tokenizer."""
+    dropout: float = 0.0
+    """Dropout probability (0 keeps runs deterministic and simulator == runtime)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"model.{name}", value, "must be a positive integer")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+               f"must be divisible by model.n_head={self.n_head}")
+        _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    """Corpus: "builtin" (the Python standard library's sources and docs, offline), a path to a
+    text file or a folder of text files, or "hf:NAME[:CONFIG]" for a Hugging Face dataset."""
+    tokenizer: str = "bytes"
+    """"bytes" (256 symbols, no training) or "bpe" (trained on the training split, cached)."""
+    bpe_vocab_size: int = 2048
+    """Vocabulary size of the BPE tokenizer."""
+    val_fraction: float = 0.05
+    """Fraction of the documents held out for validation (a deterministic split)."""
+    max_chars: int = 4_000_000
+    """Cap on the corpus size in characters, taken in a fixed order (0: no cap)."""
+    microbatch_size: int = 8
+    """Sequences per microbatch."""
+    cache_dir: str = ""
+    """Where tokenized corpora and trained tokenizers are cached ("" = ~/.cache/pipenag)."""
+
+    def __post_init__(self) -> None:
+        _check(self.tokenizer in ("bytes", "bpe"), "data.tokenizer", self.tokenizer, 'must be "bytes" or "bpe"')
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.microbatch_size >= 1, "data.microbatch_size", self.microbatch_size, "must be >= 1")
+        _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", self.bpe_vocab_size, "must be >= 260")
+        _check(self.max_chars >= 0, "data.max_chars", self.max_chars, "must be >= 0")
+        _check(bool(self.source), "data.source", self.source, "must not be empty")
+
+
+@dataclass
+class OptimConfig:
+    name: str = ""
+    """Optimizer ("adamw", "nesterov", "nesterov-sgd", "nesterov-nows", "sgd"); "" = the method's."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay, applied to every parameter."""
+    momentum: float = -1.0
+    """Momentum (beta1 for Adam-type optimizers); < 0 = the method's default."""
+    momentum_decay: float = 0.004
+    """NAdam's momentum_decay (psi); the warm-up mu_t = beta1 (1 - 0.5 * 0.96^(t psi))."""
+    momentum_schedule: str = "constant"
+    """DelayedNesterov momentum schedule: "constant" or "theory" (gamma_t = (t-2)/t)."""
+    discount: bool = True
+    """DelayedNesterov: scale the stale gradient by (1 - gamma_t) (the paper's Eq. 10)."""
+    warmup_fraction: float = 0.06
+    """Fraction of the updates spent in linear learning-rate warm-up."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at min_lr_ratio * lr."""
+    grad_clip: float = 10.0
+    """Per-stage gradient-norm clip (0 disables)."""
+    delay_lr_anneal: float = -1.0
+    """PipeMare delay discount: updates T over which lr / tau^(1 - t/T) anneals to lr;
+    < 0 = the method's default (a fifth of the run)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.momentum < 1.0, "optim.momentum", self.momentum, "must be < 1")
+        _check(self.momentum_decay >= 0, "optim.momentum_decay", self.momentum_decay, "must be >= 0")
+        _check(self.momentum_schedule in ("constant", "theory"), "optim.momentum_schedule",
+               self.momentum_schedule, 'must be "constant" or "theory"')
+        _check(0.0 <= self.warmup_fraction < 1.0, "optim.warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class PipelineConfig:
+    method: str = "nesterov"
+    """Named method (see README / pipenag.methods): gpipe, 1f1b, pipedream, pipedream-lr,
+    pipemare, nesterov, nesterov-nows, nesterov-sgd."""
+    num_stages: int = 4
+    """Pipeline stages K (one process per stage with the dist engine)."""
+    num_microbatches: int = 0
+    """Microbatches per update M; 0 = the method's default (4 for gpipe/1f1b/2bw, 1 for async)."""
+    schedule: str = ""
+    """Override the method's schedule: gpipe, 1f1b, pipedream, 2bw ("" = the method's)."""
+    stash: str = ""
+    """Override weight stashing: "on", "off" ("" = the method's)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_stages >= 1, "pipeline.num_stages", self.num_stages, "must be >= 1")
+        _check(self.num_microbatches >= 0, "pipeline.num_microbatches", self.num_microbatches, "must be >= 0")
+        _check(self.stash in ("", "on", "off"), "pipeline.stash", self.stash, 'must be "on", "off" or ""')
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Number of optimizer updates."""
+    seed: int = 0
+    """Seed for the weights and the batch order."""
+    engine: str = "sim"
+    """"sim" (exact single-process simulator) or "dist" (one process per stage)."""
+    eval_every: int = 50
+    """Validate every N updates (and always at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Microbatches of validation data per evaluation."""
+    checkpoint_every: int = 0
+    """Checkpoint every N updates (0 = only at the end)."""
+    log_every: int = 10
+    """Progress line every N updates."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.engine in ("sim", "dist"), "train.engine", self.engine, 'must be "sim" or "dist"')
+        for name in ("eval_every", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _check(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/latest"
+    """Run folder: config.json, metrics.jsonl, summary.json, checkpoints."""
+    progress: bool = True
+    """Print progress lines."""
+    threads: int = 0
+    """torch threads per process (0 = torch's default)."""
+
+
+@dataclass
+class LinkConfig:
+    latency_ms: float = 0.0
+    """Emulated one-way latency added to every transfer between stages (dist engine)."""
+    bandwidth_mbps: float = 0.0
+    """Emulated link bandwidth in megabits per second (0 = unlimited)."""
+
+    def __post_init__(self) -> None:
+        _check(self.latency_ms >= 0, "link.latency_ms", self.latency_ms, "must be >= 0")
+        _check(self.bandwidth_mbps >= 0, "link.bandwidth_mbps", self.bandwidth_mbps, "must be >= 0")
+
+
+@dataclass
+class DistConfig:
+    backend: str = ""
+    """torch.distributed backend: "gloo", "nccl" ("" = nccl when CUDA is there, else gloo)."""
+    timeout_s: float = 60.0
+    """A worker that hears nothing from a peer for this long ends the run with an error."""
+    master_port: int = 0
+    """Port for the local launcher's rendezvous (0 = a free port)."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("", "gloo", "nccl"), "dist.backend", self.backend, 'must be "gloo", "nccl" or ""')
+        _check(0 < self.timeout_s <= 3600, "dist.timeout_s", self.timeout_s, "must be in (0, 3600]")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        return _build(cls, data, "")
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}={data!r}: expected a table")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in types:
+            raise ValueError(f"unknown config key {name!r}; valid keys: {', '.join(prefix + k for k in types)}")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, name + ".")
+        else:
+            kwargs[key] = _coerce(typ, value, name)
+    return cls(**kwargs)
+
+
+def _coerce(typ, value, name: str):
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        typ = args[0]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ValueError(f"{name}={value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r}: expected a number") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r}: expected a string")
+        return value
+    raise AssertionError(f"unsupported config type {typ} for {name}")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ["--optim.lr=1e-3", "--train.steps", "50"] into {"optim": {"lr": "1e-3"}, ...}.
+
+    Raises:
+        ValueError: for an argument that is not of the form --section.key=value.
+    """
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"unrecognized argument {arg!r}: expected --section.key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"argument {arg!r} needs a value")
+            value = args[i + 1]
+            i += 1
+        section, _, rest = key.partition(".")
+        node = tree.setdefault(section, {})
+        if not isinstance(node, dict) or "." in rest:
+            raise ValueError(f"unrecognized argument {arg!r}: expected --section.key=value")
+        node[rest] = value
+        i += 1
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict] = None) -> Config:
+    """Defaults, then the TOML file at `path`, then command-line overrides.
+
+    Args:
+        path: a TOML file with [model], [data], ... tables, or None.
+        overrides: ["--section.key=value", ...] or an already nested dict.
+    Returns:
+        The validated Config.
+    Raises:
+        ValueError: a missing or malformed file, an unknown key, or a bad value (named).
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        tree = _merge(tree, extra)
+    return Config.from_dict(tree)
