@@ -1,0 +1,119 @@
+"""The exact single-process simulator of a pipeline schedule.
+
+    python -c "import pipenag.engine.sim as s; help(s.Simulator)"
+
+In every schedule here, the weight version a microbatch meets at a stage depends only on the
+updates made before that microbatch (../shared/SPEC.md section 2). So running the microbatches
+one after another (forward through all stages, backward through all stages, then the updates
+that are due) reproduces an asynchronous pipeline exactly, provided each stage reads the
+version the schedule prescribes. The per-stage work is done by StageRunner, the same code the
+multi-process runtime runs, so both engines produce the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pipenag.engine.stage import StageRunner, WeightPredictor
+from pipenag.schedules import Schedule
+
+
+class Simulator:
+    """Train a list of stage modules under a pipeline schedule in one process.
+
+    Args:
+        stages: the stage modules, first to last; stage k's output is stage k+1's input.
+        loss_fn: loss_fn(last stage output, target) -> scalar mean loss of a microbatch.
+        optimizers: one torch optimizer per stage.
+        schedule: "gpipe", "1f1b", "pipedream" or "2bw".
+        stash: weight stashing (the backward uses the forward's weights) or not.
+        num_microbatches: microbatches per update M (pipedream: 1; 2bw: >= len(stages)).
+        lr_fns: optional per-stage functions update (1-based) -> lr.
+        grad_clip: per-stage gradient-norm clip (0: off).
+        predict: PipeMare weight prediction for the backward (needs stash=False).
+        predict_decay: decay of PipeMare's weight-change average.
+        record: a list that receives a Record for every forward and backward (for tests).
+
+    `step(microbatches)` takes M (input, target) pairs, runs them with exactly the weight
+    versions the schedule dictates, makes one update per stage with the gradient of the mean
+    loss, and returns that mean loss. Afterwards the stage modules hold their latest weights.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        schedule: str = "pipedream",
+        stash: bool = True,
+        num_microbatches: int = 1,
+        lr_fns: Optional[Sequence[Callable[[int], float]]] = None,
+        grad_clip: float = 0.0,
+        predict: bool = False,
+        predict_decay: float = 0.9,
+        record: Optional[list] = None,
+    ):
+        if len(stages) < 1:
+            raise ValueError("stages: need at least one stage module")
+        if len(optimizers) != len(stages):
+            raise ValueError(f"optimizers: got {len(optimizers)} for {len(stages)} stages (need one per stage)")
+        if lr_fns is not None and len(lr_fns) != len(stages):
+            raise ValueError(f"lr_fns: got {len(lr_fns)} for {len(stages)} stages")
+        if predict and stash:
+            raise ValueError("predict=True (PipeMare weight prediction) needs stash=False")
+        self.schedule = Schedule(schedule, len(stages), num_microbatches)
+        self.runners = [
+            make_runner(self.schedule, k, module, optimizers[k], loss_fn, stash,
+                        lr_fns[k] if lr_fns is not None else None, grad_clip, predict,
+                        predict_decay, record)
+            for k, module in enumerate(stages)
+        ]
+        self.num_updates = 0
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.schedule.num_microbatches
+
+    def step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Run one update's microbatches; returns their mean loss."""
+        M = self.num_microbatches
+        if len(microbatches) != M:
+            raise ValueError(f"step() got {len(microbatches)} microbatches; this schedule takes {M} per update")
+        first = self.num_updates * M
+        total = 0.0
+        for i, (x, y) in enumerate(microbatches):
+            mb = first + i
+            for runner in self.runners:
+                x = runner.forward(mb, x, y if runner.is_last else None)
+            total += float(x)
+            grad = None
+            for runner in reversed(self.runners):
+                grad = runner.backward(mb, grad)
+        for runner in self.runners:
+            runner.step()
+        self.num_updates += 1
+        return total / M
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "stages": [r.state_dict() for r in self.runners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = state["num_updates"]
+        for runner, s in zip(self.runners, state["stages"]):
+            runner.load_state_dict(s)
+
+
+def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, stash: bool,
+                lr_fn, grad_clip: float, predict: bool, predict_decay: float,
+                record: Optional[list]) -> StageRunner:
+    """The StageRunner of one stage, as both engines build it."""
+    predictor = None
+    tau = schedule.delay(stage_idx) if schedule.name == "pipedream" else 0
+    if predict and tau > 0:
+        predictor = WeightPredictor([p.detach() for p in module.parameters()], tau, predict_decay)
+    return StageRunner(module, optimizer, schedule, stage_idx, stash=stash,
+                       loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
+                       lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor, record=record)

@@ -1,0 +1,276 @@
+"""One pipeline stage's work: forward, backward and step of its module, with weight versions.
+
+    python -m pytest tests/test_sim.py -q
+
+`StageRunner` is the piece both engines share: the simulator calls it for all stages in one
+process, the distributed runtime calls it in each stage's process in the order of the stage's
+action list (pipenag.schedules). The version each forward and backward uses comes from the
+schedule; the runner keeps exactly the weight versions that later actions still need
+("stashing" lives here, never in the optimizer). Because both engines run this code with the
+same versions, the same gradients and the same update order, they agree bit for bit.
+
+Backward modes:
+- the backward uses the forward's weights (stash on, or no update in between): the autograd
+  graph of the forward is kept and reused;
+- otherwise (stash off): the forward runs without a graph and keeps only its input; the
+  backward recomputes the stage with the current weights, or with the PipeMare prediction of
+  the forward's weights (WeightPredictor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from pipenag.schedules import Schedule
+
+
+@dataclass
+class Record:
+    """What one action did (kept when `StageRunner.record` is a list): used by tests to read
+    the versions a running engine actually used."""
+
+    stage: int
+    kind: str  # "F" or "B"
+    microbatch: int
+    version: int  # -1 for a PipeMare-predicted backward (not a stored version)
+
+
+class WeightPredictor:
+    """PipeMare discrepancy correction (Yang et al., "PipeMare: Asynchronous Pipeline Parallel
+    DNN Training", MLSys 2021, Sec. 3.2): without stashing, the backward at a stage with delay
+    tau uses w - tau * delta instead of the current weights w, where delta is an exponential
+    moving average of the stage's per-update weight change,
+        delta <- decay * delta + (1 - decay) * (w_new - w_old),
+    so that the backward weights approximate the (older) weights the forward used.
+    """
+
+    def __init__(self, params: list[torch.Tensor], tau: int, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"pipemare decay={decay}: must be in [0, 1)")
+        self.tau = tau
+        self.decay = decay
+        self.delta = [torch.zeros_like(p) for p in params]
+
+    def observe(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+        for d, o, n in zip(self.delta, old, new):
+            d.mul_(self.decay).add_(n - o, alpha=1.0 - self.decay)
+
+    def predict(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [p - self.tau * d for p, d in zip(params, self.delta)]
+
+
+@dataclass
+class _Pending:
+    inp: torch.Tensor  # the stage input (requires grad unless stage 0)
+    out: Optional[torch.Tensor]  # the output with its graph, or None (recompute)
+    used: Optional[list[torch.Tensor]]  # the parameter tensors the graph was built on
+    target: Optional[torch.Tensor]
+
+
+class StageRunner:
+    """Runs one stage of a pipeline.
+
+    Args:
+        module: the stage's nn.Module; it always holds the latest weights.
+        optimizer: a torch optimizer over module.parameters() (one per stage).
+        schedule: the Schedule (gives versions and the number of microbatches per update).
+        stage_idx: this stage's position in the pipeline.
+        stash: weight stashing on (the backward uses the forward's weights) or off.
+        loss_fn: loss_fn(output, target) -> scalar, used on the last stage only.
+        lr_fn: lr_fn(update) -> learning rate for the 1-based update about to be applied, or
+            None to leave the optimizer's lr alone.
+        grad_clip: clip this stage's gradient norm to this value before each step (0: off).
+        predictor: a WeightPredictor for PipeMare's backward, or None.
+        record: a list to append a Record per forward and backward to, or None.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        stage_idx: int,
+        stash: bool = True,
+        loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        lr_fn: Optional[Callable[[int], float]] = None,
+        grad_clip: float = 0.0,
+        predictor: Optional[WeightPredictor] = None,
+        record: Optional[list] = None,
+    ):
+        self.module = module
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.stage_idx = stage_idx
+        self.stash = stash
+        self.is_first = stage_idx == 0
+        self.is_last = stage_idx == schedule.num_stages - 1
+        if self.is_last and loss_fn is None:
+            raise ValueError("the last stage needs a loss_fn")
+        self.loss_fn = loss_fn
+        self.lr_fn = lr_fn
+        self.grad_clip = grad_clip
+        self.predictor = predictor
+        self.record = record
+        self.names = [n for n, _ in module.named_parameters()]
+        self.params = [p for _, p in module.named_parameters()]
+        self.version = 0  # updates applied so far
+        # Frozen copies of versions that actions will still read after the live weights move on.
+        self.snapshots: dict[int, list[torch.Tensor]] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.next_forward = 0  # lowest microbatch not yet forwarded
+        self._snapshot_if_needed()
+
+    # -- versions ---------------------------------------------------------------------------
+    @property
+    def uses_snapshots(self) -> bool:
+        """Whether forwards read frozen copies: the schedule lets a stage run a forward on one
+        version and the matching backward after later updates (asynchronous, not last stage)."""
+        return self.schedule.versions_kept(self.stage_idx) > 1
+
+    def _snapshot_if_needed(self) -> None:
+        if self.uses_snapshots:
+            self.snapshots[self.version] = [p.detach().clone() for p in self.params]
+        self._drop_old_snapshots()
+
+    def _drop_old_snapshots(self) -> None:
+        s, k = self.schedule, self.stage_idx
+        needed = [s.forward_version(k, self.next_forward)]
+        needed += [s.backward_version(k, mb, self.stash) for mb in self.pending if self.stash]
+        needed += [s.forward_version(k, mb) for mb in self.pending]
+        oldest = min(needed)
+        for v in [v for v in self.snapshots if v < oldest]:
+            del self.snapshots[v]
+
+    def _weights(self, version: int) -> list[torch.Tensor]:
+        if version in self.snapshots:
+            return self.snapshots[version]
+        assert version == self.version, (
+            f"stage {self.stage_idx}: version {version} is not held (current {self.version}, "
+            f"stashed {sorted(self.snapshots)})")
+        return self.params
+
+    def _call(self, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if weights is self.params:
+            return self.module(x)
+        return functional_call(self.module, dict(zip(self.names, weights)), (x,))
+
+    def _log(self, kind: str, microbatch: int, version: int) -> None:
+        if self.record is not None:
+            self.record.append(Record(self.stage_idx, kind, microbatch, version))
+
+    # -- actions ----------------------------------------------------------------------------
+    def forward(self, microbatch: int, x: torch.Tensor, target: Optional[torch.Tensor] = None):
+        """Forward of `microbatch`. Returns the activation to send (detached), or on the last
+        stage the microbatch's loss (a detached scalar)."""
+        s, k = self.schedule, self.stage_idx
+        fwd_v = s.forward_version(k, microbatch)
+        bwd_v = s.backward_version(k, microbatch, self.stash)
+        keep_graph = fwd_v == bwd_v and self.predictor is None
+        weights = self._weights(fwd_v)
+        self._log("F", microbatch, fwd_v)
+        inp = x if self.is_first else x.detach().requires_grad_(keep_graph)
+        used = None
+        if keep_graph:
+            if weights is not self.params:
+                used = [w.detach().requires_grad_(True) for w in weights]
+                weights = used
+            out = self._call(weights, inp)
+        else:
+            with torch.no_grad():
+                out = self._call(weights, inp)
+        result = out.detach()
+        if self.is_last:
+            loss = self.loss_fn(out, target)
+            result = loss.detach()
+            out = loss / s.num_microbatches
+        self.pending[microbatch] = _Pending(inp, out if keep_graph else None, used, target)
+        self.next_forward = max(self.next_forward, microbatch + 1)
+        self._drop_old_snapshots()
+        return result
+
+    def backward(self, microbatch: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Backward of `microbatch` given the gradient of the stage output (None on the last
+        stage). Accumulates into the module's .grad; returns the gradient of the stage input
+        (None on the first stage)."""
+        ctx = self.pending.pop(microbatch)
+        s, k = self.schedule, self.stage_idx
+        if ctx.out is not None:
+            self._log("B", microbatch, s.forward_version(k, microbatch))
+            out, used = ctx.out, ctx.used
+        else:
+            bwd_v = s.backward_version(k, microbatch, self.stash)
+            weights = self._weights(bwd_v)
+            if self.predictor is not None:
+                weights = self.predictor.predict(weights)
+                bwd_v = -1
+            self._log("B", microbatch, bwd_v)
+            used = None
+            if weights is not self.params:
+                used = [w.detach().requires_grad_(True) for w in weights]
+                weights = used
+            inp = ctx.inp if self.is_first else ctx.inp.detach().requires_grad_(True)
+            ctx.inp = inp
+            out = self._call(weights, inp)
+            if self.is_last:
+                out = self.loss_fn(out, ctx.target) / s.num_microbatches
+        if self.is_last:
+            out.backward()
+        else:
+            out.backward(grad)
+        if used is not None:
+            for p, u in zip(self.params, used):
+                if u.grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = u.grad
+                else:
+                    p.grad.add_(u.grad)
+        self._drop_old_snapshots()
+        return None if self.is_first else ctx.inp.grad
+
+    def step(self) -> None:
+        """One optimizer update with the accumulated gradient; creates version + 1."""
+        update = self.version + 1
+        if self.lr_fn is not None:
+            lr = self.lr_fn(update)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        old = [p.detach().clone() for p in self.params] if self.predictor is not None else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if old is not None:
+            self.predictor.observe(old, [p.detach() for p in self.params])
+        self.version = update
+        self._snapshot_if_needed()
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue after the current update: weights, optimizer, version,
+        stashed versions and the PipeMare state. Forwards in flight are not saved: a resumed
+        run redoes them (Schedule.actions with start_update) on the stashed versions, which
+        gives the same numbers. Take it right after a step."""
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+            "next_forward": self.version * self.schedule.num_microbatches,
+            "snapshots": {v: [t.clone() for t in ts] for v, ts in self.snapshots.items()},
+            "delta": None if self.predictor is None else [d.clone() for d in self.predictor.delta],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.next_forward = state["next_forward"]
+        self.snapshots = {int(v): [t.clone() for t in ts] for v, ts in state["snapshots"].items()}
+        if self.predictor is not None and state["delta"] is not None:
+            self.predictor.delta = [d.clone() for d in state["delta"]]
+        self.pending.clear()

@@ -1,0 +1,225 @@
+"""Pipeline schedules as data: per-stage action lists and the weight-version table.
+
+    pipenag schedule --name pipedream --stages 4 --updates 3
+
+An action is (stage, kind, index) with kind F (forward of a microbatch), B (backward of a
+microbatch) or S (optimizer step; index = the update, 0-based), written compactly as "2F0":
+stage 2, forward, microbatch 0. Microbatches are numbered globally 0, 1, 2, ... over the run.
+Both engines execute these lists: the simulator in one process, the runtime one stage per
+process. Nothing here knows about communication.
+
+Weight versions (../shared/SPEC.md section 2): version v of a stage's weights is the weights
+after v optimizer updates. `Schedule.forward_version` and `Schedule.backward_version` give the
+version a microbatch's forward and backward use at a stage; the action lists are built so that
+this version is always available when the action runs (tests/test_schedules.py checks it by
+counting the steps that precede each action).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
+ASYNC_SCHEDULES = ("pipedream", "2bw")
+
+
+@dataclass(frozen=True)
+class Action:
+    stage: int
+    kind: str  # "F", "B" or "S"
+    index: int  # microbatch for F and B, update for S
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        for kind in "FBS":
+            if kind in text:
+                stage, _, index = text.partition(kind)
+                return cls(int(stage), kind, int(index))
+        raise ValueError(f"action {text!r}: expected STAGE{{F,B,S}}INDEX such as '2F0'")
+
+
+def default_microbatches(name: str, num_stages: int) -> int:
+    """Microbatches per update when the user gives none: 1 for pipedream, 4 for gpipe and 1f1b,
+    max(4, K) for 2bw (which needs M >= K)."""
+    if name == "pipedream":
+        return 1
+    if name == "2bw":
+        return max(4, num_stages)
+    return 4
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named schedule for `num_stages` stages and `num_microbatches` microbatches per update.
+
+    Raises:
+        ValueError: unknown name, num_stages < 1, or a microbatch count the schedule forbids
+            (pipedream needs 1, 2bw needs M >= num_stages).
+    """
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.name!r}; valid: {', '.join(SCHEDULES)}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages}: must be >= 1")
+        if self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches={self.num_microbatches}: must be >= 1")
+        if self.name == "pipedream" and self.num_microbatches != 1:
+            raise ValueError(
+                f"num_microbatches={self.num_microbatches}: the pipedream schedule makes one update "
+                "per microbatch (use 1, or the 2bw schedule for several)")
+        if self.name == "2bw" and self.num_microbatches < self.num_stages:
+            raise ValueError(
+                f"num_microbatches={self.num_microbatches}: 2bw needs at least num_stages="
+                f"{self.num_stages} microbatches per update")
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.name in ASYNC_SCHEDULES
+
+    def delay(self, stage_idx: int) -> int:
+        """tau_k = K-1-k: how many microbatches stage k runs ahead of its backward."""
+        return self.num_stages - 1 - stage_idx
+
+    def update_of(self, microbatch: int) -> int:
+        return microbatch // self.num_microbatches
+
+    def forward_version(self, stage_idx: int, microbatch: int) -> int:
+        """Version of stage `stage_idx`'s weights that the forward of `microbatch` uses."""
+        u = self.update_of(microbatch)
+        if self.name == "pipedream":
+            return max(0, microbatch - self.delay(stage_idx))
+        if self.name == "2bw":
+            return max(0, u - 1)
+        return u
+
+    def backward_version(self, stage_idx: int, microbatch: int, stash: bool) -> int:
+        """Version the backward uses: the forward's with stashing, else the latest one (the
+        number of updates the stage has made when the backward runs)."""
+        if stash:
+            return self.forward_version(stage_idx, microbatch)
+        return self.update_of(microbatch)
+
+    def versions_kept(self, stage_idx: int) -> int:
+        """How many weight versions a stage must hold (the latest included)."""
+        if self.name == "pipedream":
+            return self.delay(stage_idx) + 1
+        if self.name == "2bw":
+            return 2
+        return 1
+
+    def actions(self, stage_idx: int, num_updates: int, start_update: int = 0) -> list[Action]:
+        """The ordered action list of one stage for updates start_update .. num_updates-1.
+
+        A run resumed at update u starts its lists there: the stages redo the forwards that
+        were in flight at the checkpoint (with the stashed versions), so nothing else changes.
+        """
+        if not 0 <= stage_idx < self.num_stages:
+            raise ValueError(f"stage_idx={stage_idx}: must be in [0, {self.num_stages})")
+        if not 0 <= start_update <= num_updates:
+            raise ValueError(f"start_update={start_update}: must be in [0, {num_updates}]")
+        return list(_ACTIONS[self.name](self, stage_idx, start_update, num_updates))
+
+    def all_actions(self, num_updates: int, start_update: int = 0) -> list[list[Action]]:
+        return [self.actions(k, num_updates, start_update) for k in range(self.num_stages)]
+
+
+def _gpipe(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[Action]:
+    # All forwards, then all backwards in the same order (so gradients accumulate in microbatch
+    # order, as plain gradient accumulation does), then the step.
+    M = s.num_microbatches
+    for u in range(start, num_updates):
+        mbs = range(u * M, (u + 1) * M)
+        yield from (Action(k, "F", j) for j in mbs)
+        yield from (Action(k, "B", j) for j in mbs)
+        yield Action(k, "S", u)
+
+
+def _one_f_one_b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[Action]:
+    # PipeDream-flush: min(tau_k, M) warm-up forwards, steady 1F1B, cool-down backwards, step.
+    M = s.num_microbatches
+    for u in range(start, num_updates):
+        base = u * M
+        warm = min(s.delay(k), M)
+        yield from (Action(k, "F", base + i) for i in range(warm))
+        for i in range(M):
+            if warm + i < M:
+                yield Action(k, "F", base + warm + i)
+            yield Action(k, "B", base + i)
+        yield Action(k, "S", u)
+
+
+def _async_1f1b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[Action]:
+    # No flush: tau_k warm-up forwards, then forward(j + tau_k), backward(j) for every j, with a
+    # step after the last backward of each update. For pipedream M = 1 (a step per microbatch).
+    M = s.num_microbatches
+    first, total = start * M, num_updates * M
+    tau = s.delay(k)
+    yield from (Action(k, "F", j) for j in range(first, min(first + tau, total)))
+    for j in range(first, total):
+        if j + tau < total:
+            yield Action(k, "F", j + tau)
+        yield Action(k, "B", j)
+        if (j + 1) % M == 0:
+            yield Action(k, "S", j // M)
+
+
+_ACTIONS = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "pipedream": _async_1f1b, "2bw": _async_1f1b}
+
+
+def format_grid(schedule: Schedule, num_updates: int) -> str:
+    """A text grid: one row per stage, one column per unit time slot (forward = backward = 1,
+    step = 0), computed by the timing model; then each stage's version table."""
+    from pipenag.timing import simulate
+
+    timeline = simulate(schedule, num_updates)
+    width = max(len(f"{e.action.kind}{e.action.index}") for e in timeline.events) + 1
+    num_slots = int(round(timeline.makespan))
+    lines = [f"{schedule.name}: {schedule.num_stages} stages, {schedule.num_microbatches} "
+             f"microbatch(es) per update, {num_updates} updates (F/B = forward/backward of a "
+             f"microbatch, '.' = idle)"]
+    for k in range(schedule.num_stages):
+        cells = ["."] * num_slots
+        for ev in timeline.events:
+            if ev.action.stage == k and ev.action.kind in "FB":
+                cells[int(round(ev.start))] = f"{ev.action.kind}{ev.action.index}"
+        lines.append(f"stage {k}: " + "".join(c.ljust(width) for c in cells).rstrip())
+    lines.append(f"utilization: " + ", ".join(f"{u:.0%}" for u in timeline.utilization))
+    return "\n".join(lines)
+
+
+def format_versions(schedule: Schedule, num_updates: int) -> str:
+    """For every stage, the weight version each microbatch's forward and backward uses."""
+    total = num_updates * schedule.num_microbatches
+    lines = ["versions used (forward / backward with stash on / backward with stash off):"]
+    for k in range(schedule.num_stages):
+        cells = [
+            f"{j}:{schedule.forward_version(k, j)}/{schedule.backward_version(k, j, True)}"
+            f"/{schedule.backward_version(k, j, False)}"
+            for j in range(total)
+        ]
+        lines.append(f"stage {k} (keeps {schedule.versions_kept(k)}): " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def schedule_main(name: str, num_stages: int, num_microbatches: int, num_updates: int) -> int:
+    """`pipenag schedule`: print the grid, the action lists and the version table."""
+    if num_microbatches <= 0:
+        num_microbatches = default_microbatches(name, num_stages)
+    schedule = Schedule(name, num_stages, num_microbatches)
+    if num_updates < 1:
+        raise ValueError(f"updates={num_updates}: must be >= 1")
+    print(format_grid(schedule, num_updates))
+    print("actions:")
+    for k in range(num_stages):
+        print(f"stage {k}: " + " ".join(str(a) for a in schedule.actions(k, num_updates)))
+    print(format_versions(schedule, num_updates))
+    return 0
