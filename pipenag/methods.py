@@ -1,0 +1,104 @@
+"""Named methods: the paper's method and its baselines as presets (../shared/SPEC.md section 4).
+
+    pipenag train --method pipemare --stages 8
+
+A method fixes the schedule, weight stashing, the optimizer and the delay corrections; the
+config may override the schedule or stashing only where the method still makes sense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipenag.config import Config
+from pipenag.schedules import Schedule, default_microbatches
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    schedule: str
+    stash: bool
+    optimizer: str
+    delay_lr: bool  # PipeMare's delay learning-rate discount
+    predict: bool  # PipeMare's backward weight prediction
+    schedules: tuple[str, ...]  # schedules the method may run on
+    description: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("gpipe", "gpipe", True, "adamw", False, False, ("gpipe", "1f1b"),
+           "synchronous GPipe, M=4 microbatches per update, AdamW: the synchronous reference"),
+    Method("1f1b", "1f1b", True, "adamw", False, False, ("gpipe", "1f1b"),
+           "synchronous 1F1B with flush (PipeDream-flush): same numbers as gpipe"),
+    Method("pipedream", "pipedream", True, "adamw", False, False, ("pipedream", "2bw"),
+           "asynchronous 1F1B, weight stashing, AdamW: the plain asynchronous baseline"),
+    Method("2bw", "2bw", True, "adamw", False, False, ("2bw",),
+           "PipeDream-2BW: double-buffered weights (delay 1), M >= K, AdamW"),
+    Method("pipedream-lr", "pipedream", True, "adamw", True, False, ("pipedream",),
+           "pipedream + PipeMare's delay learning-rate discount"),
+    Method("pipemare", "pipedream", False, "adamw", True, True, ("pipedream",),
+           "no stashing, delay learning-rate discount + backward weight prediction (PipeMare)"),
+    Method("nesterov", "pipedream", True, "nesterov", False, False, ("pipedream", "2bw"),
+           "the paper's method: NAdam beta1 0.99 (Nesterov look-ahead), weight stashing"),
+    Method("nesterov-nows", "pipedream", False, "nesterov-nows", True, False, ("pipedream",),
+           "the paper's method without stashing: stage momentum 0.9 + 0.09 tau_k/K, delay lr discount"),
+    Method("nesterov-sgd", "pipedream", True, "nesterov-sgd", False, False, ("pipedream", "2bw"),
+           "Eq. 10 in SGD form (DelayedNesterov): the theory form; optim.discount ablation"),
+]}
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method with the config's overrides applied: everything the engines need to know."""
+
+    method: Method
+    schedule: Schedule
+    stash: bool
+    optimizer: str
+    delay_lr: bool
+    predict: bool
+    num_updates: int
+    delay_lr_anneal: int
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def resolve(cfg: Config) -> ResolvedMethod:
+    """Apply the pipeline and optim overrides of `cfg` to its method.
+
+    Raises:
+        ValueError: an unknown method, a schedule the method cannot run on, a stash setting
+            the method forbids, or a microbatch count the schedule forbids.
+    """
+    p = cfg.pipeline
+    method = get_method(p.method)
+    schedule_name = p.schedule or method.schedule
+    if schedule_name not in method.schedules:
+        raise ValueError(f"pipeline.schedule={schedule_name!r}: method {method.name!r} runs on "
+                         f"{', '.join(method.schedules)}")
+    stash = method.stash if p.stash == "" else p.stash == "on"
+    if method.predict and stash:
+        raise ValueError(f"pipeline.stash='on': method {method.name!r} predicts the backward weights "
+                         "and needs stashing off")
+    num_microbatches = p.num_microbatches or default_microbatches(schedule_name, p.num_stages)
+    schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
+    optimizer = cfg.optim.name or method.optimizer
+    anneal = cfg.optim.delay_lr_anneal
+    anneal = int(anneal) if anneal >= 0 else max(1, cfg.train.steps // 5)
+    return ResolvedMethod(method, schedule, stash, optimizer, method.delay_lr, method.predict,
+                          cfg.train.steps, anneal)
+
+
+def methods_table() -> str:
+    """The README's table of methods (markdown)."""
+    rows = ["| method | schedule | stash | optimizer | delay lr | prediction | what it is |",
+            "|---|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        rows.append(f"| `{m.name}` | {m.schedule} | {'on' if m.stash else 'off'} | {m.optimizer} | "
+                    f"{'yes' if m.delay_lr else 'no'} | {'yes' if m.predict else 'no'} | {m.description} |")
+    return "\n".join(rows)

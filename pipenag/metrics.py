@@ -1,0 +1,73 @@
+"""Run metrics: one JSON object per update in metrics.jsonl, and progress lines.
+
+    pipenag train --config configs/tiny.toml --out runs/a && head -3 runs/a/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON line per record and flushes it, so a crash loses nothing written.
+
+    Args:
+        out_dir: the run folder.
+        resume_step: on resume, drop the lines of updates after this one (they are redone).
+    """
+
+    def __init__(self, out_dir: str | Path, resume_step: Optional[int] = None):
+        self.path = Path(out_dir) / METRICS
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """Prints `[step/total] loss .. lr .. tok/s .. eta` every `every` updates to stderr."""
+
+    def __init__(self, total: int, every: int, enabled: bool = True, start: int = 0):
+        self.total, self.every, self.enabled = total, max(1, every), enabled
+        self.start_step, self.t0 = start, time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_step: int, extra: str = "") -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        dt = time.perf_counter() - self.t0
+        done = step - self.start_step
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        bar_len = 20
+        filled = int(bar_len * step / self.total)
+        bar = "#" * filled + "-" * (bar_len - filled)
+        print(f"[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+              f"{rate * tokens_per_step:,.0f} tok/s eta {eta:.0f}s{extra}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
