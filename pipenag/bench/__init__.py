@@ -1,0 +1,1 @@
+"""Benchmarks run as `pipenag bench NAME` (see pipenag.cli.BENCHES)."""
