@@ -110,6 +110,11 @@ def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer
                 lr_fn, grad_clip: float, predict: bool, predict_decay: float,
                 record: Optional[list]) -> StageRunner:
     """The StageRunner of one stage, as both engines build it."""
+    if predict and schedule.name != "pipedream":
+        raise ValueError(f"predict=True (PipeMare weight prediction) needs the pipedream schedule, "
+                         f"got {schedule.name!r}")
+    if predict and stash:
+        raise ValueError("predict=True (PipeMare weight prediction) needs stash=False")
     predictor = None
     tau = schedule.delay(stage_idx) if schedule.name == "pipedream" else 0
     if predict and tau > 0:

@@ -15,6 +15,16 @@ Backward modes:
 - otherwise (stash off): the forward runs without a graph and keeps only its input; the
   backward recomputes the stage with the current weights, or with the PipeMare prediction of
   the forward's weights (WeightPredictor).
+
+Weight copies: the module always holds the latest version; older versions are frozen copies
+("snapshots"), made only when a later action reads a version after a step has replaced it, and
+dropped as soon as no later action reads them. A stage therefore holds at most
+Schedule.versions_kept versions (the live one included), at most one clone per step. In the
+runtime's action order a stash-off pipedream stage never needs an old version (the forward
+after a step uses the new weights), so it holds no copy; with stashing, a forward whose graph
+waits across steps is built on a frozen copy of the current version (the live one is changed
+in place by the step), so the latest version exists twice. The simulator, which runs stage k's
+forwards tau_k updates late, keeps the tau_k older versions those forwards read.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ class WeightPredictor:
         for d, o, n in zip(self.delta, old, new):
             d.mul_(self.decay).add_(n - o, alpha=1.0 - self.decay)
 
+    @torch.no_grad()
     def predict(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p - self.tau * d for p, d in zip(params, self.delta)]
 
@@ -68,7 +79,7 @@ class WeightPredictor:
 class _Pending:
     inp: torch.Tensor  # the stage input (requires grad unless stage 0)
     out: Optional[torch.Tensor]  # the output with its graph, or None (recompute)
-    used: Optional[list[torch.Tensor]]  # the parameter tensors the graph was built on
+    used: Optional[list[torch.Tensor]]  # leaves the graph was built on (None: the live params)
     target: Optional[torch.Tensor]
 
 
@@ -119,40 +130,53 @@ class StageRunner:
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.version = 0  # updates applied so far
-        # Frozen copies of versions that actions will still read after the live weights move on.
+        # Frozen copies of versions that actions still read after a step replaced them (may
+        # include the current version when a graph built on it outlives the next step).
         self.snapshots: dict[int, list[torch.Tensor]] = {}
         self.pending: dict[int, _Pending] = {}
         self.next_forward = 0  # lowest microbatch not yet forwarded
-        self._snapshot_if_needed()
 
     # -- versions ---------------------------------------------------------------------------
     @property
     def uses_snapshots(self) -> bool:
-        """Whether forwards read frozen copies: the schedule lets a stage run a forward on one
-        version and the matching backward after later updates (asynchronous, not last stage)."""
+        """Whether the schedule can make this stage read a version after a step replaced it
+        (asynchronous schedules, all stages but pipedream's last)."""
         return self.schedule.versions_kept(self.stage_idx) > 1
 
-    def _snapshot_if_needed(self) -> None:
-        if self.uses_snapshots:
-            self.snapshots[self.version] = [p.detach().clone() for p in self.params]
-        self._drop_old_snapshots()
-
-    def _drop_old_snapshots(self) -> None:
+    def _versions_needed(self) -> list[int]:
+        """Versions that later actions read: the next forward's (forward versions grow by at
+        most one per update, so every version from it on is needed), the version each pending
+        graph was built on, and each pending recompute's backward version."""
         s, k = self.schedule, self.stage_idx
         needed = [s.forward_version(k, self.next_forward)]
-        needed += [s.backward_version(k, mb, self.stash) for mb in self.pending if self.stash]
-        needed += [s.forward_version(k, mb) for mb in self.pending]
-        oldest = min(needed)
+        for mb, ctx in self.pending.items():
+            if ctx.out is not None:
+                needed.append(s.forward_version(k, mb))
+            else:
+                needed.append(s.backward_version(k, mb, self.stash))
+        return needed
+
+    def _drop_old_snapshots(self) -> None:
+        oldest = min(self._versions_needed())
         for v in [v for v in self.snapshots if v < oldest]:
             del self.snapshots[v]
 
     def _weights(self, version: int) -> list[torch.Tensor]:
+        """The weights of `version`: the live parameters if it is the current one."""
+        if version == self.version:
+            return self.params
         if version in self.snapshots:
             return self.snapshots[version]
-        assert version == self.version, (
+        raise AssertionError(
             f"stage {self.stage_idx}: version {version} is not held (current {self.version}, "
             f"stashed {sorted(self.snapshots)})")
-        return self.params
+
+    def _frozen(self, version: int) -> list[torch.Tensor]:
+        """A copy of `version` that later steps leave alone (made now if it is the current)."""
+        if version not in self.snapshots:
+            self._weights(version)  # raises if the version is gone
+            self.snapshots[version] = [p.detach().clone() for p in self.params]
+        return self.snapshots[version]
 
     def _call(self, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if weights is self.params:
@@ -171,7 +195,14 @@ class StageRunner:
         fwd_v = s.forward_version(k, microbatch)
         bwd_v = s.backward_version(k, microbatch, self.stash)
         keep_graph = fwd_v == bwd_v and self.predictor is None
-        weights = self._weights(fwd_v)
+        # The number of steps done when the backward runs (the stash-off backward version; the
+        # action lists and the simulator both realize it). A graph that lives across a step
+        # must not be built on the live parameters, which the step changes in place.
+        steps_at_backward = s.backward_version(k, microbatch, stash=False)
+        if keep_graph and steps_at_backward > self.version:
+            weights = self._frozen(fwd_v)
+        else:
+            weights = self._weights(fwd_v)
         self._log("F", microbatch, fwd_v)
         inp = x if self.is_first else x.detach().requires_grad_(keep_graph)
         used = None
@@ -236,6 +267,12 @@ class StageRunner:
     def step(self) -> None:
         """One optimizer update with the accumulated gradient; creates version + 1."""
         update = self.version + 1
+        assert all(ctx.out is None or ctx.used is not None for ctx in self.pending.values()), (
+            "a pending graph is built on the live parameters that this step changes")
+        # Keep the version being replaced if a later forward reads it: the simulator runs the
+        # forwards of stage k tau_k updates late; in the runtime's order they never are.
+        if self.schedule.forward_version(self.stage_idx, self.next_forward) <= self.version:
+            self._frozen(self.version)
         if self.lr_fn is not None:
             lr = self.lr_fn(update)
             for group in self.optimizer.param_groups:
@@ -248,20 +285,36 @@ class StageRunner:
         if old is not None:
             self.predictor.observe(old, [p.detach() for p in self.params])
         self.version = update
-        self._snapshot_if_needed()
+        self._drop_old_snapshots()
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue after the current update: weights, optimizer, version,
         stashed versions and the PipeMare state. Forwards in flight are not saved: a resumed
         run redoes them (Schedule.actions with start_update) on the stashed versions, which
-        gives the same numbers. Take it right after a step."""
+        gives the same numbers. Take it right after a step. Like torch's state_dict, the module
+        and optimizer entries reference live tensors: save (or deepcopy) it before training on.
+
+        Raises:
+            RuntimeError: a version the redone forwards read is not held. This happens only
+                with stash off in the runtime's order with forwards in flight (such a stage
+                keeps no old versions): finish the update's action lists (drain) first.
+        """
+        s, k = self.schedule, self.stage_idx
+        redo_from = s.forward_version(k, self.version * s.num_microbatches)
+        missing = [v for v in range(redo_from, self.version) if v not in self.snapshots]
+        if missing:
+            raise RuntimeError(
+                f"stage {k}: cannot checkpoint at update {self.version}: the forwards to redo "
+                f"read versions {missing}, which this stage does not hold (stash off keeps no "
+                "old versions); drain the pipeline (run the lists up to this update) first")
         return {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "version": self.version,
             "next_forward": self.version * self.schedule.num_microbatches,
-            "snapshots": {v: [t.clone() for t in ts] for v, ts in self.snapshots.items()},
+            # only the versions the redone forwards read (the current one is "module")
+            "snapshots": {v: [t.clone() for t in self.snapshots[v]] for v in range(redo_from, self.version)},
             "delta": None if self.predictor is None else [d.clone() for d in self.predictor.delta],
         }
 
