@@ -86,7 +86,12 @@ def resolve(cfg: Config) -> ResolvedMethod:
         raise ValueError(f"pipeline.stash='on': method {method.name!r} predicts the backward weights "
                          "and needs stashing off")
     num_microbatches = p.num_microbatches or default_microbatches(schedule_name, p.num_stages)
-    schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
+    try:
+        schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
+    except ValueError as e:
+        # Schedule names its own arguments (num_microbatches=..., num_stages=...): say which
+        # config field and which method they came from.
+        raise ValueError(f"pipeline.{e} (method {method.name!r})") from None
     optimizer = cfg.optim.name or method.optimizer
     anneal = cfg.optim.delay_lr_anneal
     anneal = int(anneal) if anneal >= 0 else max(1, cfg.train.steps // 5)

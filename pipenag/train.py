@@ -25,7 +25,9 @@ from pipenag import checkpoint
 from pipenag.build import build_pipeline, evaluate
 from pipenag.config import Config, load_config
 from pipenag.data import build_data, fixed_batches
+from pipenag.methods import resolve
 from pipenag.metrics import MetricsWriter, Progress
+from pipenag.split import partition_layers
 
 VAL_SEED = 1234
 
@@ -57,6 +59,11 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     out = Path(cfg.run.out_dir)
+    # Fail on a bad method, schedule or split before loading data or writing anything.
+    partition_layers(cfg.model.n_layer, resolve(cfg).schedule.num_stages)
+    if resume and not (out / checkpoint.CHECKPOINT).is_file():
+        raise ValueError(f"--resume {str(out)!r}: no {checkpoint.CHECKPOINT} there (the run stopped "
+                         "before its first checkpoint)")
     progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.run.progress)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
     parts = build_pipeline(cfg, data.vocab_size)
@@ -110,7 +117,7 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
                                        out / checkpoint.CHECKPOINT)
     except NonFiniteLoss as e:
         status = "diverged"
-        progress.message(f"pipenag: error: {e}")
+        print(f"pipenag train: error: {e}", file=sys.stderr, flush=True)
         val_loss = float("nan")
     finally:
         writer.close()
@@ -145,7 +152,8 @@ def train_main(cfg: Optional[Config], resume: Optional[str] = None, extra: Optio
     summary = train_sim(cfg, resume=bool(resume))
     if summary["status"] != "ok":
         return 1
-    print(f"val_loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) after {summary['updates']} "
+    ppl = "n/a" if summary["val_ppl"] is None else f"{summary['val_ppl']:.2f}"
+    print(f"val_loss {summary['val_loss']:.4f} (ppl {ppl}) after {summary['updates']} "
           f"updates, {summary['tokens']:,} tokens, {summary['wall_time_s']:.1f}s -> "
           f"{cfg.run.out_dir}/summary.json")
     return 0
