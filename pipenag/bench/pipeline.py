@@ -1,0 +1,265 @@
+"""Pipeline throughput of the real runtime with stages that sleep instead of computing.
+
+    pipenag bench pipeline --stages 8 --microbatches 4 --compute-ms 20 --updates 100 --json
+
+K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.dist.executor) and
+transport under each schedule, one after another with a barrier in between. A stage sleeps
+`compute-ms` per forward and per backward and does nothing in its step, so the measurement
+is the schedule and the runtime's overhead, not arithmetic: sleeping stages also let 8 processes
+share 2 cores honestly. Every stage checks that each message it receives carries the microbatch
+it expects. All schedules run the same number of microbatches (updates x M; pipedream makes one
+update per microbatch, 2bw uses M' = max(M, K) per update).
+
+Reported per schedule: throughput (microbatches per second over the slowest stage's wall
+time), per-stage utilization (time inside forward/backward/step over that wall time), where the
+rest went (receive waits, sends), and the event-simulation prediction (pipenag.timing.simulate)
+for the same setting. Then the ratios asynchronous/synchronous beside the ideal bubble model
+(M+K-1)/M. With --json the last line is one JSON object: schedule -> {"throughput": ...,
+"utilization": [...], ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipenag.schedules import ASYNC_SCHEDULES, Schedule
+from pipenag.timing import simulate
+
+SCHEDULES = ("pipedream", "2bw", "gpipe", "1f1b")
+SYNC = ("gpipe", "1f1b")
+
+
+class SleepStage:
+    """A stage that sleeps `forward_s` / `backward_s` per pass and checks its messages: the
+    activation and gradient of microbatch j are tensors filled with j.
+
+    Raises:
+        AssertionError: a received tensor belongs to another microbatch.
+    """
+
+    def __init__(self, stage_idx: int, num_stages: int, forward_s: float, backward_s: float,
+                 shape: tuple[int, ...]):
+        self.stage_idx = stage_idx
+        self.is_first, self.is_last = stage_idx == 0, stage_idx == num_stages - 1
+        self.forward_s, self.backward_s, self.shape = forward_s, backward_s, shape
+
+    def _check(self, what: str, microbatch: int, t: torch.Tensor) -> None:
+        got = float(t.reshape(-1)[0])
+        assert got == float(microbatch) and tuple(t.shape) == self.shape, (
+            f"stage {self.stage_idx}: {what} of microbatch {microbatch} carries microbatch {got}")
+
+    def forward(self, microbatch: int, x: torch.Tensor, target=None) -> torch.Tensor:
+        if not self.is_first:
+            self._check("the activation", microbatch, x)
+        time.sleep(self.forward_s)
+        if self.is_last:
+            return torch.tensor(float(microbatch))  # the "loss"
+        return torch.full(self.shape, float(microbatch))
+
+    def backward(self, microbatch: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        if not self.is_last:
+            self._check("the gradient", microbatch, grad)
+        time.sleep(self.backward_s)
+        return None if self.is_first else torch.full(self.shape, float(microbatch))
+
+    def step(self) -> None:
+        pass
+
+
+def plan(name: str, num_stages: int, num_microbatches: int) -> Schedule:
+    """The schedule a benchmark runs for `name` (M per update as the schedule allows)."""
+    if name == "pipedream":
+        return Schedule(name, num_stages, 1)
+    if name == "2bw":
+        return Schedule(name, num_stages, max(num_microbatches, num_stages))
+    return Schedule(name, num_stages, num_microbatches)
+
+
+def updates_for(schedule: Schedule, total_microbatches: int) -> int:
+    return math.ceil(total_microbatches / schedule.num_microbatches)
+
+
+def message_shape(message_kb: float) -> tuple[int, ...]:
+    return (max(1, int(message_kb * 1024 / 4)),)  # float32
+
+
+# -- the worker processes -----------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from pipenag.dist.comm import LinkModel, Transport, make_link_groups
+    from pipenag.dist.executor import Executor
+
+    torch.set_num_threads(1)
+    rank, K = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s), rank=rank, world_size=K)
+    groups = make_link_groups(K)
+    link = LinkModel.from_config(args.latency_ms, args.bandwidth_mbps)
+    shape = message_shape(args.message_kb)
+    total = args.updates * args.microbatches
+    results = {}
+    for name in args.schedules.split(","):
+        schedule = plan(name, K, args.microbatches)
+        stage = SleepStage(rank, K, args.compute_ms / 1e3, args.compute_ms / 1e3, shape)
+        transport = Transport(rank, K, groups, shape, link=link, timeout_s=args.timeout_s) if K > 1 else None
+        executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
+                            inputs=lambda j: torch.zeros(1), targets=lambda j: torch.zeros(1))
+        dist.barrier()
+        cpu0 = time.process_time()
+        stats = executor.run().to_dict()
+        stats["cpu_s"] = time.process_time() - cpu0  # all threads of the process (gloo's too)
+        everyone: list = [None] * K
+        dist.all_gather_object(everyone, stats)
+        results[name] = everyone
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_updates: int,
+              compute_s: float, link_latency_s: float, transfer_s: float) -> dict:
+    """Throughput and utilization measured, and the event simulation's prediction."""
+    wall = max(s["wall_s"] for s in stage_stats)
+    total = num_updates * schedule.num_microbatches
+    pred = simulate(schedule, num_updates, forward_time=compute_s, backward_time=compute_s,
+                    latency=link_latency_s, transfer_time=transfer_s)
+    util = [s["compute_s"] / wall for s in stage_stats]
+    # Where the time went: the extra per-message delay that makes the event model's makespan
+    # equal the measured wall time (bisection; the model is monotone in the latency).
+    lo, hi = 0.0, max(wall, 1e-3)
+    if pred.makespan < wall:
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            model = simulate(schedule, num_updates, forward_time=compute_s, backward_time=compute_s,
+                             latency=link_latency_s + mid, transfer_time=transfer_s)
+            lo, hi = (mid, hi) if model.makespan < wall else (lo, mid)
+    return {
+        "throughput": total / wall,
+        "utilization": util,
+        "mean_utilization": sum(util) / len(util),
+        "predicted_throughput": total / pred.makespan if pred.makespan > 0 else float("inf"),
+        "predicted_utilization": pred.utilization,
+        "wall_s": wall,
+        "microbatches": total,
+        "updates": num_updates,
+        "microbatches_per_update": schedule.num_microbatches,
+        "recv_wait_s": [s["recv_wait_s"] for s in stage_stats],
+        "send_s": [s["send_s"] for s in stage_stats],
+        "cpu_s": [s["cpu_s"] for s in stage_stats],
+        "fitted_hop_delay_s": lo,
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pipenag bench pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", type=int, default=8, help="pipeline stages K (processes)")
+    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per update M (gpipe, 1f1b)")
+    parser.add_argument("--compute-ms", type=float, default=20.0, help="sleep per forward and per backward")
+    parser.add_argument("--updates", type=int, default=100,
+                        help="updates of gpipe/1f1b; every schedule runs updates x M microbatches")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="emulated link latency")
+    parser.add_argument("--bandwidth-mbps", type=float, default=0.0, help="emulated link bandwidth (0: unlimited)")
+    parser.add_argument("--message-kb", type=float, default=4.0, help="size of every activation and gradient")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="dist.timeout_s of the workers")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    names = [n for n in args.schedules.split(",") if n]
+    bad = [n for n in names if n not in SCHEDULES]
+    if bad or not names:
+        parser.error(f"--schedules: unknown {bad}; valid: {', '.join(SCHEDULES)}")
+    if args.stages < 1 or args.microbatches < 1 or args.updates < 1 or args.compute_ms < 0:
+        parser.error("--stages, --microbatches and --updates must be >= 1, --compute-ms >= 0")
+    return _run(args, names)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
+    from pipenag.dist.comm import LinkModel
+    from pipenag.dist.launch import launch_local
+
+    K, M, C = args.stages, args.microbatches, args.compute_ms / 1e3
+    total = args.updates * M
+    link = LinkModel.from_config(args.latency_ms, args.bandwidth_mbps)
+    shape = message_shape(args.message_kb)
+    transfer_s = link.transfer_s(shape[0] * 4)
+    print(f"pipenag bench pipeline: K={K} stages, M={M} microbatches per update (2bw: {max(M, K)}, "
+          f"pipedream: 1), {args.compute_ms:g} ms per forward and per backward (sleep), {total} "
+          f"microbatches per schedule ({args.updates} gpipe/1f1b updates), messages "
+          f"{shape[0] * 4 / 1024:g} KiB, link latency {args.latency_ms:g} ms, bandwidth "
+          f"{args.bandwidth_mbps:g} Mbit/s (0 = unlimited)")
+    print(f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; torch "
+          f"{torch.__version__}, Python {platform.python_version()}; {K} worker processes, gloo")
+    with tempfile.TemporaryDirectory(prefix="pipenag-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        worker_args = ["--worker", "--result", str(result), "--stages", str(K), "--microbatches", str(M),
+                       "--compute-ms", str(args.compute_ms), "--updates", str(args.updates),
+                       "--schedules", ",".join(names), "--latency-ms", str(args.latency_ms),
+                       "--bandwidth-mbps", str(args.bandwidth_mbps), "--message-kb", str(args.message_kb),
+                       "--timeout-s", str(args.timeout_s)]
+        t0 = time.perf_counter()
+        rc = launch_local("pipenag.bench.pipeline", worker_args, K, {}, prog="pipenag bench pipeline",
+                          start_method="fork")
+        if rc != 0:
+            return rc
+        raw = json.loads(result.read_text())
+    print(f"(all schedules: {time.perf_counter() - t0:.1f} s including process start)")
+    report = {}
+    for name in names:
+        schedule = plan(name, K, M)
+        report[name] = summarize(name, raw[name], schedule, updates_for(schedule, total), C,
+                                 link.latency_s, transfer_s)
+    print()
+    print(f"{'schedule':<10} {'mb/s':>8} {'predicted':>10} {'util mean':>10} {'min':>7} {'max':>7} "
+          f"{'predicted':>10} {'recv wait':>10} {'hop ms':>7} {'cpu ms':>7} {'wall s':>8}")
+    for name in names:
+        r = report[name]
+        waits = sum(r["recv_wait_s"]) / K / r["wall_s"]
+        pred_util = sum(r["predicted_utilization"]) / K
+        print(f"{name:<10} {r['throughput']:>8.2f} {r['predicted_throughput']:>10.2f} "
+              f"{r['mean_utilization']:>10.1%} {min(r['utilization']):>7.1%} {max(r['utilization']):>7.1%} "
+              f"{pred_util:>10.1%} {waits:>10.1%} {r['fitted_hop_delay_s'] * 1e3:>7.2f} "
+              f"{sum(r['cpu_s']) / K / (2 * r['microbatches']) * 1e3:>7.2f} {r['wall_s']:>8.2f}")
+    print("(util: busy / wall per stage; predicted: pipenag.timing.simulate with the same compute times; "
+          "recv wait: mean share of the wall time blocked on a message; hop ms: the per-message delay "
+          "that makes the event model match the measured wall time; cpu ms: CPU time per pass and "
+          "stage, all threads, sleep excluded)")
+    ideal = (M + K - 1) / M
+    lines = []
+    for a in [n for n in names if n in ASYNC_SCHEDULES]:
+        for s in [n for n in names if n in SYNC]:
+            ratio = report[a]["throughput"] / report[s]["throughput"]
+            pred = report[a]["predicted_throughput"] / report[s]["predicted_throughput"]
+            lines.append(f"{a}/{s} {ratio:.3f} (predicted {pred:.3f}; ideal (M+K-1)/M = {ideal:.3f}: "
+                         f"{ratio / ideal:.1%} of it)")
+    if lines:
+        print("throughput ratios: " + "; ".join(lines))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,13 @@
+"""The multi-process runtime: one process per pipeline stage, point-to-point messages.
+
+    pipenag train --config configs/tiny.toml --engine dist --out runs/d
+
+- launch: the local launcher (K worker processes) and the torchrun entry;
+- worker: one stage's training process (data, model, checkpoints, metrics);
+- executor: runs a stage's action list (pipenag.schedules) against any stage object;
+- comm: the channels between neighbour stages (early receives, link emulation, timeouts);
+- checkpoints: per-stage checkpoint files and the resume point;
+- pipelining_check: the torch.distributed.pipelining experiment (docs/dist.md).
+
+See docs/dist.md.
+"""
