@@ -196,9 +196,15 @@ class DistConfig:
     """A worker that hears nothing from a peer for this long ends the run with an error."""
     master_port: int = 0
     """Port for the local launcher's rendezvous (0 = a free port)."""
+    sync_executor: str = "own"
+    """What runs the synchronous schedules (gpipe, 1f1b) in the dist engine: "own" (pipenag's
+    executor, as for every schedule) or "torch" (torch.distributed.pipelining's ScheduleGPipe /
+    Schedule1F1B; no link emulation, and the asynchronous schedules cannot use it)."""
 
     def __post_init__(self) -> None:
         _check(self.backend in ("", "gloo", "nccl"), "dist.backend", self.backend, 'must be "gloo", "nccl" or ""')
+        _check(self.sync_executor in ("own", "torch"), "dist.sync_executor", self.sync_executor,
+               'must be "own" or "torch"')
         _check(0 < self.timeout_s <= 3600, "dist.timeout_s", self.timeout_s, "must be in (0, 3600]")
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from pipenag.config import Config
 from pipenag.dist import checkpoints as ckpts
+from pipenag.dist.torch_pipelining import check_supported
 from pipenag.dist.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_PEER, PARENT_ENV, RESUME_ENV, DistEnv,
                                  run_worker)
 
@@ -57,6 +58,7 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
 
     K = resolve(cfg).schedule.num_stages
     partition_layers(cfg.model.n_layer, K)
+    check_supported(cfg)
     if resume and not ckpts.complete_updates(cfg.run.out_dir, K):
         raise ValueError(f"--resume {cfg.run.out_dir!r}: no update has a checkpoint from all {K} stages "
                          f"in {Path(cfg.run.out_dir) / ckpts.CHECKPOINT_DIR}")
@@ -72,6 +74,8 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
 
         import pipenag.build  # noqa: F401
         import pipenag.data.batches  # noqa: F401
+        if cfg.dist.sync_executor == "torch":
+            import torch.distributed.pipelining  # noqa: F401
     extra = {CONFIG_ENV: json.dumps(cfg.to_dict()), RESUME_ENV: "1" if resume else "0"}
     return launch_local("pipenag.dist.worker", [], K, extra, master_port=cfg.dist.master_port,
                         prog="pipenag train", start_method=start_method)

@@ -6,7 +6,8 @@ Started by the local launcher (pipenag.dist.launch, as `python -m pipenag.dist.w
 config in $PIPENAG_DIST_CONFIG) or by torchrun (which runs `pipenag train` in every process).
 Every process builds the data and the whole model from the seed and keeps its stage, so the
 weights and batches are those of the simulator; its StageRunner then runs its action list under
-the executor (pipenag.dist.executor). The last stage writes metrics.jsonl and summary.json with
+the executor (pipenag.dist.executor), or, with dist.sync_executor="torch", torch's gpipe / 1f1b
+schedule (pipenag.dist.torch_pipelining). The last stage writes metrics.jsonl and summary.json with
 the records of the simulator engine; every stage writes its own checkpoints.
 
 Exit status: 0 done; 3 a neighbour died or stopped answering; 4 the training loss became
@@ -39,6 +40,7 @@ from pipenag.config import Config
 from pipenag.dist import checkpoints as ckpts
 from pipenag.dist.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.dist.executor import Executor
+from pipenag.dist.torch_pipelining import check_supported, run_torch_schedule
 
 EXIT_PEER = 3
 EXIT_DIVERGED = 4
@@ -157,6 +159,7 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
                          f"so it must equal pipeline.num_stages={K}")
     resolve(cfg)
     partition_layers(cfg.model.n_layer, K)
+    check_supported(cfg)
     _die_with_parent()
     backend, device = backend_and_device(cfg, env.local_rank)
     threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
@@ -192,7 +195,8 @@ def _train(cfg: Config, resume: bool, k: int, K: int, backend: str, device: torc
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / ckpts.CHECKPOINT_DIR).mkdir(exist_ok=True)
-    groups = make_link_groups(K)
+    on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b
+    groups = None if on_torch else make_link_groups(K)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
     parts = build_pipeline(cfg, data.vocab_size)
     schedule, stash = parts.resolved.schedule, parts.resolved.stash
@@ -215,7 +219,8 @@ def _train(cfg: Config, resume: bool, k: int, K: int, backend: str, device: torc
         progress.message(f"pipenag: resumed {out} at update {start}")
     elif last:
         cfg.save(out / "config.json")
-    progress.message(f"pipenag: {parts.describe()}; dist engine, {K} processes, backend {backend}; "
+    progress.message(f"pipenag: {parts.describe()}; dist engine, {K} processes, backend {backend}"
+                     f"{', torch.distributed.pipelining' if on_torch else ''}; "
                      f"data {data.corpus.source} ({len(data.train_ids):,} train tokens)")
 
     evals, saves = update_sets(cfg)
@@ -262,6 +267,18 @@ def _train(cfg: Config, resume: bool, k: int, K: int, backend: str, device: torc
             ckpts.prune(out, k, K)
 
     B, T, C = cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd
+    if on_torch:
+        try:
+            stats = run_torch_schedule(
+                runner, k, K, device, (B, T, C), cfg.train.steps, start,
+                train_batch=lambda j: tuple(t.to(device) for t in data.train.get(j)),
+                val_batches=val, eval_updates=evals, on_loss=on_loss if last else None,
+                after_update=after_update)
+        finally:
+            if writer is not None:
+                writer.close()
+        _finish(cfg, parts, data, out, k, K, stats, summary_val[0], t0, backend)
+        return
     transport = None
     if K > 1:
         transport = Transport(k, K, groups, (B, T, C), torch.float32, device,
@@ -281,11 +298,17 @@ def _train(cfg: Config, resume: bool, k: int, K: int, backend: str, device: torc
     finally:
         if writer is not None:
             writer.close()
+    _finish(cfg, parts, data, out, k, K, stats.to_dict(), summary_val[0], t0, backend)
+
+
+def _finish(cfg: Config, parts, data, out: Path, k: int, K: int, stats: dict, val_loss: float, t0: float,
+            backend: str) -> None:
+    """Gather every stage's timing; the last stage writes summary.json (either executor)."""
     gathered: list = [None] * K
-    dist.all_gather_object(gathered, stats.to_dict())  # also: every stage wrote its last checkpoint
+    dist.all_gather_object(gathered, stats)  # also: every stage wrote its last checkpoint
     ckpts.prune(out, k, K)
-    if last:
-        summary = _write_summary(cfg, parts, data, out, "ok", cfg.train.steps, summary_val[0], t0, backend,
+    if k == K - 1:
+        summary = _write_summary(cfg, parts, data, out, "ok", cfg.train.steps, val_loss, t0, backend,
                                  gathered)
         ppl = "n/a" if summary["val_ppl"] is None else f"{summary['val_ppl']:.2f}"
         print(f"val_loss {summary['val_loss']:.4f} (ppl {ppl}) after {summary['updates']} updates, "
@@ -325,6 +348,7 @@ def _write_summary(cfg: Config, parts, data, out: Path, status: str, updates: in
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "engine": "dist",
         "backend": backend,
+        "sync_executor": cfg.dist.sync_executor,
         "link": {"latency_ms": cfg.link.latency_ms, "bandwidth_mbps": cfg.link.bandwidth_mbps},
         "data_fingerprint": data.fingerprint,
         "num_params": sum(p.numel() for s in parts.stages for p in s.parameters()),
