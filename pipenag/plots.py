@@ -111,9 +111,10 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
 
 
 def plot_panels(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path, *,
-                xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False) -> bool:
-    """Side-by-side panels (shared y axis), each with named (x, y) series; a series name keeps
-    its color across panels."""
+                xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+                styles: Optional[dict[str, dict]] = None) -> bool:
+    """Side-by-side panels (shared y axis), each with named (x, y) series. Series whose names
+    agree before " (" share a color; `styles` maps a series name to extra plot() keywords."""
     plt = _pyplot()
     if plt is None:
         return False
@@ -124,7 +125,7 @@ def plot_panels(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
         for name, (x, y) in series.items():
             key = name.split(" (")[0]
             color = colors.setdefault(key, cycle[len(colors) % len(cycle)])
-            ax.plot(x, y, label=name, color=color, linewidth=1)
+            ax.plot(x, y, label=name, color=color, linewidth=1, **(styles or {}).get(name, {}))
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(xlabel)
         if logx:

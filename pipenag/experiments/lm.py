@@ -209,6 +209,33 @@ def report(exp: str, parts: list[Part]) -> None:
         print(line)
 
 
+def plot_scaling(parts: list[Part]) -> None:
+    """Experiment (b): final validation loss and simulated time against K, one line per
+    method and seed (docs/results/exp_b_scaling.png)."""
+    from pipenag.plots import plot_panels
+
+    loss: dict[str, tuple[list, list]] = {}
+    time_: dict[str, tuple[list, list]] = {}
+    for part in parts:
+        out = RUNS / "exp_b" / part.name
+        if not (out / "summary.json").is_file():
+            continue
+        seed = part.name.split("K")[0] or "seed0"
+        K = int(part.name.split("K")[1])
+        for r in load_rows(out):
+            for store, value in ((loss, r["val_loss"]), (time_, r["sim_time"])):
+                xs, ys = store.setdefault(f"{r['method']} ({seed})", ([], []))
+                xs.append(K)
+                ys.append(value)
+    styles = {name: {"marker": "o", "linestyle": "-" if "(seed0)" in name else "--"} for name in loss}
+    if loss:
+        plot_panels({"final validation loss": loss}, DOCS / "exp_b_loss_vs_K.png", xlabel="stages K",
+                    ylabel="validation loss", title="exp b: 614,400 tokens, 16 blocks", styles=styles)
+        plot_panels({"simulated time of the run": time_}, DOCS / "exp_b_time_vs_K.png", xlabel="stages K",
+                    ylabel="block-forward units", title="exp b: simulated pipeline time", logy=True,
+                    styles=styles)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=["a", "b", "c", "d"])
@@ -228,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             run_part(args.experiment, part, extra)
     DOCS.mkdir(parents=True, exist_ok=True)
     report(args.experiment, parts)
+    if args.experiment == "b":
+        plot_scaling(parts)
     return 0
 
 
