@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from pipenag.bench import cpu_model
+
 from pipenag.optim import DelayedNesterov
 
 BASELINE = "sgd-nesterov"
@@ -126,17 +128,6 @@ def bench_size(num_floats: int, names: list[str], repeats: int, warmup: int, wei
         if BASELINE in times
         else {},
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_table(results: list[dict], names: list[str]) -> str:

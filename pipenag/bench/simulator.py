@@ -45,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from pipenag.bench import cpu_model
+
 from pipenag.build import PipelineParts, build_pipeline
 from pipenag.config import load_config
 from pipenag.methods import resolve
@@ -53,17 +55,6 @@ from pipenag.optim import build_optimizer
 from pipenag.split import partition_layers
 
 MB = 1024 * 1024
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def proc_status_kb(field: str) -> int:
