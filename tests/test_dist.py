@@ -116,8 +116,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,K,extra", CASES, ids=[f"{m}-K{K}" for m, K, _ in CASES])
-def test_dist_equals_simulator(tmp_path, method, K, extra):
+def run_dist_against_sim(tmp_path, method, K, extra, val_steps):
+    """Train with the simulator and with the dist engine; assert every record (losses, lrs,
+    validation losses at `val_steps`) and the final weights of every stage are equal.
+    Returns (run folder, summary, child pids before the run)."""
     records, weights = sim_reference(tmp_path, method, K, *extra)
     cfg = make_cfg(tmp_path / "dist", method, K, "--train.engine=dist", *extra)
     before = children_of(os.getpid())
@@ -125,11 +127,18 @@ def test_dist_equals_simulator(tmp_path, method, K, extra):
     out = Path(cfg.run.out_dir)
     got = read_metrics(out)
     assert_same_records(got, records)
-    assert [r["step"] for r in got if "val_loss" in r] == [3, 6]
-    assert_same_weights(dist_weights(out, 6, K), weights)
+    assert [r["step"] for r in got if "val_loss" in r] == val_steps
+    assert_same_weights(dist_weights(out, val_steps[-1], K), weights)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["engine"] == "dist" and summary["status"] == "ok"
+    assert summary["status"] == "ok"
     assert summary["val_loss"] == records[-1]["val_loss"]
+    return out, summary, before
+
+
+@pytest.mark.parametrize("method,K,extra", CASES, ids=[f"{m}-K{K}" for m, K, _ in CASES])
+def test_dist_equals_simulator(tmp_path, method, K, extra):
+    out, summary, before = run_dist_against_sim(tmp_path, method, K, extra, val_steps=[3, 6])
+    assert summary["engine"] == "dist"
     assert len(summary["stage_stats"]) == K
     assert (out / "config.json").is_file()
     # Old per-stage files are pruned once a newer update is complete.

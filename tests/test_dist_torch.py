@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_dist import (assert_same_records, assert_same_weights, children_of, dist_weights, make_cfg,
-                       sim_reference)
+                       run_dist_against_sim, sim_reference)
 
 from pipenag.config import load_config
 from pipenag.dist import checkpoints as ckpts
@@ -34,18 +34,8 @@ TORCH = ("--dist.sync_executor=torch", "--train.steps=4", "--train.eval_every=2"
 def test_torch_schedules_equal_the_simulator(tmp_path, method, K, M):
     """Per-update losses, validation losses (after updates 2 and 4) and final weights."""
     extra = (*TORCH, f"--pipeline.num_microbatches={M}")
-    records, weights = sim_reference(tmp_path, method, K, *extra)
-    cfg = make_cfg(tmp_path / "dist", method, K, "--train.engine=dist", *extra)
-    before = children_of(os.getpid())
-    assert train_dist(cfg, start_method="fork") == 0
-    out = Path(cfg.run.out_dir)
-    got = read_metrics(out)
-    assert_same_records(got, records)
-    assert [r["step"] for r in got if "val_loss" in r] == [2, 4]
-    assert_same_weights(dist_weights(out, 4, K), weights)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["sync_executor"] == "torch"
-    assert summary["val_loss"] == records[-1]["val_loss"]
+    out, summary, before = run_dist_against_sim(tmp_path, method, K, extra, val_steps=[2, 4])
+    assert summary["sync_executor"] == "torch"
     assert [s["executor"] for s in summary["stage_stats"]] == ["torch"] * K
     assert children_of(os.getpid()) <= before
 
