@@ -146,7 +146,7 @@ def train_main(cfg: Optional[Config], resume: Optional[str] = None, extra: Optio
         cfg = load_run_config(resume, extra)
     assert cfg is not None
     if cfg.train.engine == "dist":
-        from pipenag.dist.launch import train_dist
+        from pipenag.runtime.launch import train_dist
 
         return train_dist(cfg, resume=bool(resume))
     summary = train_sim(cfg, resume=bool(resume))

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from pipenag.config import load_config
-from pipenag.dist import checkpoints as ckpts
-from pipenag.dist.executor import Eval, build_program, outgoing_keys
-from pipenag.dist.launch import train_dist
+from pipenag.runtime import checkpoints as ckpts
+from pipenag.runtime.executor import Eval, build_program, outgoing_keys
+from pipenag.runtime.launch import train_dist
 from pipenag.metrics import read_metrics
 from pipenag.schedules import Action, Schedule
 from pipenag.train import load_run_config, train_sim
@@ -225,17 +225,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, method, K):
     assert_same_weights(dist_weights(out, 8, K), dist_weights(Path(full.run.out_dir), 8, K))
 
 
-# -- torch.distributed.pipelining (the experiment of docs/dist.md) ------------------------------
-
-
-def test_torch_pipelining_matches_the_simulator():
-    """torch's Schedule1F1B with scale_grads=False and the loss divided by M == our simulator,
-    bit for bit, at M=3 (not a power of two), K=3."""
-    from pipenag.dist.pipelining_check import main as pipelining_check
-
-    assert pipelining_check(["--schedule", "1f1b", "--stages", "3", "--microbatches", "3", "--updates", "2"]) == 0
-
-
 # -- torchrun ------------------------------------------------------------------------------------
 
 
@@ -254,7 +243,7 @@ def test_torchrun_runs_the_same_workers(tmp_path):
 
 
 def _free_port() -> int:
-    from pipenag.dist.launch import free_port
+    from pipenag.runtime.launch import free_port
 
     return free_port()
 

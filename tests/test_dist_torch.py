@@ -18,8 +18,8 @@ from test_dist import (assert_same_records, assert_same_weights, children_of, di
                        run_dist_against_sim, sim_reference)
 
 from pipenag.config import load_config
-from pipenag.dist import checkpoints as ckpts
-from pipenag.dist.launch import train_dist
+from pipenag.runtime import checkpoints as ckpts
+from pipenag.runtime.launch import train_dist
 from pipenag.metrics import read_metrics
 from pipenag.train import load_run_config
 

@@ -2,7 +2,7 @@
 
     pipenag bench pipeline --stages 8 --microbatches 4 --compute-ms 20 --updates 100 --json
 
-K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.dist.executor) and
+K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.runtime.executor) and
 transport under each schedule, one after another with a barrier in between. A stage sleeps
 `compute-ms` per forward and per backward and does nothing in its step, so the measurement
 is the schedule and the runtime's overhead, not arithmetic: sleeping stages also let 8 processes
@@ -101,8 +101,8 @@ def message_shape(message_kb: float) -> tuple[int, ...]:
 def _worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from pipenag.dist.comm import LinkModel, Transport, make_link_groups
-    from pipenag.dist.executor import Executor
+    from pipenag.runtime.comm import LinkModel, Transport, make_link_groups
+    from pipenag.runtime.executor import Executor
 
     torch.set_num_threads(1)
     rank, K = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -197,8 +197,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace, names: list[str]) -> int:
-    from pipenag.dist.comm import LinkModel
-    from pipenag.dist.launch import launch_local
+    from pipenag.runtime.comm import LinkModel
+    from pipenag.runtime.launch import launch_local
 
     K, M, C = args.stages, args.microbatches, args.compute_ms / 1e3
     total = args.updates * M

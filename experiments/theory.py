@@ -2,7 +2,7 @@
 schedule on convex quadratics with a fixed gradient delay, against the same without the
 (1 - gamma) discount and against delayed plain gradient descent.
 
-    nice -n 10 python -m pipenag.experiments.theory --steps 20000 --delays 0,1,4,16 --out docs/results
+    nice -n 10 python experiments/theory.py --steps 20000 --delays 0,1,4,16 --out docs/results
 
 Setting (SPEC section 3, the paper's Eq. 10 and its sublinear-rate result: convex, smooth,
 fixed delay tau, deterministic gradients). The objective is f(w) = 0.5 (w - w*)^T A (w - w*),

@@ -16,7 +16,7 @@ such as pipenag.engine.stage.StageRunner, or the sleeping stages of the pipeline
 Message order. Every message a stage sends follows from its program alone: F actions send
 activations ("F", j) forward, B actions send gradients ("B", j) backward, an Eval(u) sends the
 validation activations ("E", u, i) forward. A receiver computes its neighbour's program with
-the same function and so knows the whole incoming sequence; pipenag.dist.comm posts the
+the same function and so knows the whole incoming sequence; pipenag.runtime.comm posts the
 receives in that order ahead of need.
 
 Validation. The simulator evaluates all stages at version u after update u. Here stage k runs
@@ -33,7 +33,7 @@ from typing import Callable, Collection, Hashable, Iterator, Optional, Sequence,
 
 import torch
 
-from pipenag.dist.comm import Transport
+from pipenag.runtime.comm import Transport
 from pipenag.schedules import Action, Schedule
 
 

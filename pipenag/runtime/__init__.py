@@ -7,7 +7,7 @@
 - executor: runs a stage's action list (pipenag.schedules) against any stage object;
 - comm: the channels between neighbour stages (early receives, link emulation, timeouts);
 - checkpoints: per-stage checkpoint files and the resume point;
-- pipelining_check: the torch.distributed.pipelining experiment (docs/dist.md).
+- torch_pipelining: gpipe and 1f1b on torch.distributed.pipelining (--dist.sync_executor=torch).
 
 See docs/dist.md.
 """

@@ -1,7 +1,7 @@
 """Check the timing model (pipenag.timing.simulate) against the real runtime's throughput.
 
-    python -m pipenag.experiments.timing_check --out runs/timing_check
-    python -m pipenag.experiments.timing_check --scaling     # the model only: time vs K
+    python experiments/timing_check.py --out runs/timing_check
+    python experiments/timing_check.py --scaling     # the model only: time vs K
 
 For each setting (K stages, M microbatches per update, compute time per forward and per
 backward, updates) it runs `pipenag bench pipeline --json` (K processes on gloo whose stages

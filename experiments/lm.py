@@ -1,7 +1,7 @@
 """Experiments (a)-(d) of docs/results/: language-model comparisons run with `pipenag compare`.
 
-    nice -n 10 python -m pipenag.experiments.lm d        # one experiment: a, b, c or d
-    python -m pipenag.experiments.lm a --report-only    # tables and PNGs from finished runs
+    nice -n 10 python experiments/lm.py d        # one experiment: a, b, c or d
+    python experiments/lm.py a --report-only    # tables and PNGs from finished runs
 
 Each experiment is a list of comparisons (pipenag.compare: identical weights and data, equal
 tokens) on configs/small.toml, written to runs/exp_<name>/<part>/. After the runs it prints a

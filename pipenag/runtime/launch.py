@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 4 -m pipenag train --config configs/tiny.toml --engine dist --out runs/d
 
 Under torchrun (RANK and WORLD_SIZE are set) this process is a worker. Otherwise it is the
-launcher: it starts pipeline.num_stages workers (`python -m pipenag.dist.worker`) with the
+launcher: it starts pipeline.num_stages workers (`python -m pipenag.runtime.worker`) with the
 variables torchrun would set, watches them, and returns 0 when all finished. When one fails
 (an error, a signal, or a neighbour that stopped answering for dist.timeout_s), the launcher
 names the stage that failed first, kills the others and reaps every child before it returns 1.
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from pipenag.config import Config
-from pipenag.dist import checkpoints as ckpts
-from pipenag.dist.torch_pipelining import check_supported
-from pipenag.dist.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_PEER, PARENT_ENV, RESUME_ENV, DistEnv,
+from pipenag.runtime import checkpoints as ckpts
+from pipenag.runtime.torch_pipelining import check_supported
+from pipenag.runtime.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_PEER, PARENT_ENV, RESUME_ENV, DistEnv,
                                  run_worker)
 
 POLL_S = 0.05
@@ -77,7 +77,7 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
         if cfg.dist.sync_executor == "torch":
             import torch.distributed.pipelining  # noqa: F401
     extra = {CONFIG_ENV: json.dumps(cfg.to_dict()), RESUME_ENV: "1" if resume else "0"}
-    return launch_local("pipenag.dist.worker", [], K, extra, master_port=cfg.dist.master_port,
+    return launch_local("pipenag.runtime.worker", [], K, extra, master_port=cfg.dist.master_port,
                         prog="pipenag train", start_method=start_method)
 
 

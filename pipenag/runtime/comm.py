@@ -5,7 +5,7 @@ emulated slow link, and failures that name the stage.
 
 Each direction of each link (stage i -> i+1 for activations, i+1 -> i for gradients) is a FIFO
 channel with its own two-rank process group. Both ends know the channel's whole message sequence
-in advance: it follows from the sender's program (pipenag.dist.executor.outgoing_keys), which
+in advance: it follows from the sender's program (pipenag.runtime.executor.outgoing_keys), which
 every rank can compute from the schedule. So
 
 - the receiver posts its receives in the sender's order, ahead of need (`window` at a time,
@@ -84,7 +84,7 @@ class LinkModel:
 
 
 def describe_key(key: Hashable) -> str:
-    """Human words for a message key of pipenag.dist.executor."""
+    """Human words for a message key of pipenag.runtime.executor."""
     if isinstance(key, tuple) and key and key[0] == "F":
         return f"the activation of microbatch {key[1]}"
     if isinstance(key, tuple) and key and key[0] == "B":

@@ -3,11 +3,11 @@
     pipenag train --config configs/tiny.toml --method 1f1b --stages 3 --engine dist \
         --dist.sync_executor=torch --out runs/t
 
-The worker (pipenag.dist.worker) sets up the stage as for its own executor: the data, the
+The worker (pipenag.runtime.worker) sets up the stage as for its own executor: the data, the
 stage module, its StageRunner (optimizer, lr function, grad clip), the metrics and checkpoint
 callbacks. `run_torch_schedule` then trains the stage with torch's PipelineStage and
 ScheduleGPipe / Schedule1F1B instead of pipenag's Executor. Two settings make the numbers the
-simulator's bit for bit (pipenag.dist.pipelining_check measured them): torch must not rescale
+simulator's bit for bit (docs/dist.md has the experiment): torch must not rescale
 the summed gradients (scale_grads=False), and the loss it backpropagates is lm_loss / M, as
 StageRunner does. Each update is StageRunner.step, so the learning rate, the clip and the
 optimizer are the same code as in every other engine.
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipenag.config import Config
-from pipenag.dist.comm import PeerFailure, _short
+from pipenag.runtime.comm import PeerFailure, _short
 
 SCHEDULES = ("gpipe", "1f1b")
 

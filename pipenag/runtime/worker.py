@@ -2,12 +2,12 @@
 
     torchrun --nproc-per-node 4 -m pipenag train --config configs/tiny.toml --engine dist --out runs/d
 
-Started by the local launcher (pipenag.dist.launch, as `python -m pipenag.dist.worker` with the
+Started by the local launcher (pipenag.runtime.launch, as `python -m pipenag.runtime.worker` with the
 config in $PIPENAG_DIST_CONFIG) or by torchrun (which runs `pipenag train` in every process).
 Every process builds the data and the whole model from the seed and keeps its stage, so the
 weights and batches are those of the simulator; its StageRunner then runs its action list under
-the executor (pipenag.dist.executor), or, with dist.sync_executor="torch", torch's gpipe / 1f1b
-schedule (pipenag.dist.torch_pipelining). The last stage writes metrics.jsonl and summary.json with
+the executor (pipenag.runtime.executor), or, with dist.sync_executor="torch", torch's gpipe / 1f1b
+schedule (pipenag.runtime.torch_pipelining). The last stage writes metrics.jsonl and summary.json with
 the records of the simulator engine; every stage writes its own checkpoints.
 
 Exit status: 0 done; 3 a neighbour died or stopped answering; 4 the training loss became
@@ -37,10 +37,10 @@ import torch.distributed as dist
 
 from pipenag import checkpoint
 from pipenag.config import Config
-from pipenag.dist import checkpoints as ckpts
-from pipenag.dist.comm import LinkModel, PeerFailure, Transport, make_link_groups
-from pipenag.dist.executor import Executor
-from pipenag.dist.torch_pipelining import check_supported, run_torch_schedule
+from pipenag.runtime import checkpoints as ckpts
+from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
+from pipenag.runtime.executor import Executor
+from pipenag.runtime.torch_pipelining import check_supported, run_torch_schedule
 
 EXIT_PEER = 3
 EXIT_DIVERGED = 4

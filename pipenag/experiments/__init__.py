@@ -1,1 +1,0 @@
-"""Scripts that run the experiments of docs/results/ (each module opens with its command)."""
