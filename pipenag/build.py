@@ -1,7 +1,8 @@
 """From a Config to the pieces both engines run: stage modules, optimizers, learning rates.
 
-    python -c "from pipenag.config import Config; from pipenag.build import build_pipeline; \
-print(build_pipeline(Config(), vocab_size=256).describe())"
+    from pipenag import Config, build_pipeline
+    parts = build_pipeline(Config(), vocab_size=256)
+    print(parts.describe()); sim = parts.simulator()
 
 Every process builds the whole model from the seed and keeps its stages, so that the initial
 weights are identical whatever the engine and the number of processes.
@@ -15,9 +16,9 @@ from typing import Callable, Optional
 
 import torch
 
-from pipenag.config import Config, ModelConfig
-from pipenag.engine.sim import Simulator, make_runner
-from pipenag.engine.stage import StageRunner
+from pipenag.config import Config, ModelConfig, OptimConfig
+from pipenag.engine.sim import Simulator
+from pipenag.engine.stage import StageRunner, make_runner
 from pipenag.methods import ResolvedMethod, resolve
 from pipenag.model import lm_loss
 from pipenag.optim import build_optimizer, delay_discount_lr, warmup_cosine_lr
@@ -35,29 +36,31 @@ class PipelineParts:
 
     def describe(self) -> str:
         r = self.resolved
-        n = sum(p.numel() for s in self.stages for p in s.parameters())
         return (f"method {r.method.name}: schedule {r.schedule.name}, K={r.schedule.num_stages}, "
                 f"M={r.schedule.num_microbatches}, stash {'on' if r.stash else 'off'}, optimizer "
-                f"{r.optimizer}, {n:,} parameters")
+                f"{r.optimizer}, {self.num_params:,} parameters")
 
     def simulator(self, record: Optional[list] = None) -> Simulator:
         r = self.resolved
-        return Simulator(self.stages, lm_loss, self.optimizers, schedule=r.schedule.name, stash=r.stash,
-                         num_microbatches=r.schedule.num_microbatches, lr_fns=self.lr_fns,
+        return Simulator(self.stages, lm_loss, self.optimizers, r.schedule, stash=r.stash, lr_fns=self.lr_fns,
                          grad_clip=self.cfg.optim.grad_clip, predict=r.predict, record=record)
 
     def runner(self, stage_idx: int, record: Optional[list] = None) -> StageRunner:
         r = self.resolved
         return make_runner(r.schedule, stage_idx, self.stages[stage_idx], self.optimizers[stage_idx],
-                           lm_loss, r.stash, self.lr_fns[stage_idx], self.cfg.optim.grad_clip,
-                           r.predict, 0.9, record)
+                           lm_loss, stash=r.stash, lr_fn=self.lr_fns[stage_idx],
+                           grad_clip=self.cfg.optim.grad_clip, predict=r.predict, record=record)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for s in self.stages for p in s.parameters())
 
 
 def lr_function(cfg: Config, resolved: ResolvedMethod, stage_idx: int) -> Callable[[int], float]:
     """update (1-based) -> lr of one stage: warm-up + cosine, times PipeMare's delay discount."""
     o = cfg.optim
     total = resolved.num_updates
-    tau = resolved.schedule.delay(stage_idx) if resolved.schedule.name == "pipedream" else 0
+    tau = resolved.schedule.staleness(stage_idx)
     delay_lr, anneal = resolved.delay_lr, resolved.delay_lr_anneal
 
     def lr_at(update: int) -> float:
@@ -69,20 +72,22 @@ def lr_function(cfg: Config, resolved: ResolvedMethod, stage_idx: int) -> Callab
     return lr_at
 
 
+def stage_optimizer(o: OptimConfig, name: str, module: torch.nn.Module, stage_idx: int,
+                    num_stages: int) -> torch.optim.Optimizer:
+    """The optimizer `name` over one stage's module, with the [optim] settings of the config."""
+    return build_optimizer(name, module, lr=o.lr, weight_decay=o.weight_decay,
+                           momentum=o.momentum if o.momentum >= 0 else None, momentum_decay=o.momentum_decay,
+                           momentum_schedule=o.momentum_schedule, discount=o.discount,
+                           stage_idx=stage_idx, num_stages=num_stages)
+
+
 def build_pipeline(cfg: Config, vocab_size: int) -> PipelineParts:
     """Resolve the method, build the model split into stages, and one optimizer per stage."""
     resolved = resolve(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
     K = resolved.schedule.num_stages
     stages = build_stages(model_cfg, K, seed=cfg.train.seed)
-    o = cfg.optim
-    optimizers = [
-        build_optimizer(resolved.optimizer, stage.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                        momentum=o.momentum if o.momentum >= 0 else None, momentum_decay=o.momentum_decay,
-                        momentum_schedule=o.momentum_schedule, discount=o.discount,
-                        stage_idx=k, num_stages=K)
-        for k, stage in enumerate(stages)
-    ]
+    optimizers = [stage_optimizer(cfg.optim, resolved.optimizer, stage, k, K) for k, stage in enumerate(stages)]
     lr_fns = [lr_function(cfg, resolved, k) for k in range(K)]
     return PipelineParts(cfg, resolved, model_cfg, stages, optimizers, lr_fns)
 

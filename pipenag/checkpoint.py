@@ -1,40 +1,157 @@
-"""Checkpoints written atomically: a crash never leaves a half-written file behind.
+"""Checkpoints a crash cannot spoil: one file per process and update, verified by checksum.
 
     pipenag train --config configs/tiny.toml --train.checkpoint_every=10 --out runs/a
     pipenag train --resume runs/a
+
+Layout: RUN/checkpoints/u{update:08d}-{part}.pt, where a part is what one process saves
+("sim" for the simulator, "stage{k}" for stage k of the runtime), and beside each file a
+sidecar u{update:08d}-{part}.sha256 ("<sha256> <bytes>") written after it. Both are written
+atomically (pipenag.atomic), so a file is either absent or whole as written; a kill between
+the two leaves a file without a sidecar, which does not count.
+
+- A checkpoint *set* (one update) is complete when every part has its file and sidecar.
+- A set *verifies* when each file's size and sha256 match its sidecar: a truncated or
+  corrupted file (a bad disk, a copy cut short) makes the run fall back to the previous
+  complete set with a one-line warning.
+- Each process keeps its files of the newest `keep` (2) complete sets and of any newer update
+  not yet complete (the other parts may still be writing it), and deletes the rest of its own.
 """
 
 from __future__ import annotations
 
-import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
-import torch
+from pipenag import atomic
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+CHECKPOINT_DIR = "checkpoints"
+KEEP = 2
+_NAME = re.compile(r"^u(\d+)-([a-z0-9]+)\.(pt|sha256)$")
 
 
-def load(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {str(path)!r}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def stage_part(stage_idx: int) -> str:
+    """The part name of pipeline stage `stage_idx` in the runtime."""
+    return f"stage{stage_idx}"
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+SIM_PART = "sim"
+
+
+def _warn(message: str) -> None:
+    print(f"pipenag: warning: {message}", file=sys.stderr, flush=True)
+
+
+class CheckpointStore:
+    """The checkpoint files of one run folder.
+
+    Args:
+        run_dir: the run folder.
+        parts: the parts of a complete set (["sim"], or stage_part(k) for every stage).
+        keep: complete sets each part keeps (>= 1).
+    """
+
+    def __init__(self, run_dir: str | Path, parts: Sequence[str], keep: int = KEEP):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: must be >= 1")
+        if not parts:
+            raise ValueError("parts: a checkpoint set needs at least one part")
+        self.folder = Path(run_dir) / CHECKPOINT_DIR
+        self.parts = list(parts)
+        self.keep = keep
+
+    def path(self, update: int, part: str) -> Path:
+        return self.folder / f"u{update:08d}-{part}.pt"
+
+    def _sidecar(self, update: int, part: str) -> Path:
+        return self.folder / f"u{update:08d}-{part}.sha256"
+
+    # -- writing ------------------------------------------------------------------------------
+    def save(self, update: int, part: str, state: Any) -> None:
+        """Write `part`'s checkpoint of `update` (file, then sidecar), then prune this part."""
+        path = self.path(update, part)
+        digest = atomic.torch_save(state, path)
+        atomic.write_text(self._sidecar(update, part), f"{digest} {path.stat().st_size}\n")
+        self.prune(part)
+
+    def prune(self, part: str) -> None:
+        """Delete this part's files older than the newest `keep` complete sets."""
+        complete = self.complete_updates()
+        if len(complete) < self.keep:
+            return
+        oldest_kept = complete[-self.keep]
+        for update in self.updates(part, with_orphans=True):
+            if update < oldest_kept:
+                self.delete(update, part)
+
+    def delete(self, update: int, part: str) -> None:
+        self._sidecar(update, part).unlink(missing_ok=True)
+        self.path(update, part).unlink(missing_ok=True)
+
+    def discard_after(self, update: int, part: str) -> None:
+        """Delete this part's files of updates after `update`: what a run resumed at `update`
+        will write again (a restart must not mix them with a set of the earlier attempt)."""
+        for u in self.updates(part, with_orphans=True):
+            if u > update:
+                self.delete(u, part)
+
+    # -- reading ------------------------------------------------------------------------------
+    def updates(self, part: str, with_orphans: bool = False) -> list[int]:
+        """Updates for which `part` has a file and a sidecar, ascending (with_orphans: also a
+        file without a sidecar, or a sidecar without a file)."""
+        if not self.folder.is_dir():
+            return []
+        found: dict[int, set[str]] = {}
+        for path in self.folder.iterdir():
+            m = _NAME.match(path.name)
+            if m and m.group(2) == part:
+                found.setdefault(int(m.group(1)), set()).add(m.group(3))
+        return sorted(u for u, kinds in found.items() if with_orphans or len(kinds) == 2)
+
+    def complete_updates(self) -> list[int]:
+        """Updates for which every part has a file and a sidecar, ascending (not verified)."""
+        common = set(self.updates(self.parts[0]))
+        for part in self.parts[1:]:
+            common &= set(self.updates(part))
+        return sorted(common)
+
+    def verify(self, update: int, part: str) -> Optional[str]:
+        """None when the file matches its sidecar, else why not (one line)."""
+        path, sidecar = self.path(update, part), self._sidecar(update, part)
+        try:
+            digest, size = sidecar.read_text().split()
+            actual_size = path.stat().st_size
+        except (OSError, ValueError) as e:
+            return f"{path.name}: unreadable ({type(e).__name__})"
+        if actual_size != int(size):
+            return f"{path.name}: {actual_size} bytes, {size} were written (truncated or torn)"
+        if atomic.sha256_file(path) != digest:
+            return f"{path.name}: checksum mismatch (corrupted on disk)"
+        return None
+
+    def verified_updates(self, part: str, warn: Callable[[str], None] = _warn) -> list[int]:
+        """This part's updates whose file verifies, ascending; a warning for each that does not."""
+        good = []
+        for update in self.updates(part):
+            why = self.verify(update, part)
+            if why is None:
+                good.append(update)
+            else:
+                warn(f"ignoring checkpoint {why}")
+        return good
+
+    def newest_verified_set(self, warn: Callable[[str], None] = _warn) -> Optional[int]:
+        """The newest complete set whose every part verifies (None if there is none), warning
+        once for each newer complete set that fails."""
+        for update in reversed(self.complete_updates()):
+            bad = [why for part in self.parts if (why := self.verify(update, part)) is not None]
+            if not bad:
+                return update
+            warn(f"checkpoint of update {update} is damaged ({bad[0]}); falling back to the previous one")
+        return None
+
+    def load(self, update: int, part: str, map_location: Any = "cpu") -> Any:
+        import torch
+
+        return torch.load(self.path(update, part), map_location=map_location, weights_only=False)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipenag.config import Config, ModelConfig, _merge, parse_overrides
+from pipenag.config import Config, ModelConfig
 from pipenag.methods import METHODS, resolve
 from pipenag.metrics import read_metrics
 from pipenag.schedules import Schedule
@@ -101,10 +101,8 @@ def method_config(cfg: Config, variant: Variant, out_dir: Path) -> tuple[Config,
     Raises:
         ValueError: a bad override, a budget smaller than M, or anything resolve() rejects.
     """
-    tree = cfg.to_dict()
-    tree["pipeline"]["method"] = variant.method
-    tree = _merge(tree, parse_overrides([f"--{o}" for o in variant.overrides]))
-    probe = Config.from_dict(tree)
+    probe = cfg.with_overrides([f"--pipeline.method={variant.method}", *(f"--{o}" for o in variant.overrides)])
+    tree = probe.to_dict()
     M = resolve(probe).schedule.num_microbatches
     budget = cfg.train.steps
     if budget < M:

@@ -16,7 +16,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +27,32 @@ else:  # pragma: no cover
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
     if not cond:
         raise ValueError(f"{name}={value!r}: {why}")
+
+
+def _check_choices(section) -> None:
+    """Every Literal-typed field of a config section holds one of its allowed values."""
+    prefix = _SECTION_NAMES[type(section).__name__]
+    for name, typ in _field_types(type(section)).items():
+        choices = _choices(typ)
+        value = getattr(section, name)
+        if choices and value not in choices:
+            raise ValueError(f"{prefix}.{name}={value!r}: must be one of "
+                             f"{', '.join(repr(c) for c in choices)}")
+
+
+def _choices(typ) -> tuple:
+    """The allowed values of a Literal type (or Optional[Literal]), else ()."""
+    if typing.get_origin(typ) is typing.Union:
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
+
+
+# The names users type. Methods and optimizers are listed here, where the config is checked,
+# and pipenag.methods / pipenag.optim.factory check at import that they define exactly these.
+MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipemare", "nesterov",
+                     "nesterov-nows", "nesterov-sgd"]
+OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon"]
+ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw"]
 
 
 @dataclass
@@ -61,7 +87,7 @@ class DataConfig:
     source: str = "builtin"
     """Corpus: "builtin" (the Python standard library's sources and docs, offline), a path to a
     text file or a folder of text files, or "hf:NAME[:CONFIG]" for a Hugging Face dataset."""
-    tokenizer: str = "bytes"
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
     """"bytes" (256 symbols, no training) or "bpe" (trained on the training split, cached)."""
     bpe_vocab_size: int = 2048
     """Vocabulary size of the BPE tokenizer."""
@@ -75,7 +101,7 @@ class DataConfig:
     """Where tokenized corpora and trained tokenizers are cached ("" = ~/.cache/pipenag)."""
 
     def __post_init__(self) -> None:
-        _check(self.tokenizer in ("bytes", "bpe"), "data.tokenizer", self.tokenizer, 'must be "bytes" or "bpe"')
+        _check_choices(self)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(self.microbatch_size >= 1, "data.microbatch_size", self.microbatch_size, "must be >= 1")
         _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", self.bpe_vocab_size, "must be >= 260")
@@ -85,8 +111,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = ""
-    """Optimizer ("adamw", "nesterov", "nesterov-sgd", "nesterov-nows", "sgd"); "" = the method's."""
+    name: OptimizerName = ""
+    """Optimizer ("adamw", "nesterov", "nesterov-sgd", "nesterov-nows", "sgd", "basis-rotation",
+    "muon"); "" = the method's."""
     lr: float = 3e-4
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -95,7 +122,7 @@ class OptimConfig:
     """Momentum (beta1 for Adam-type optimizers); < 0 = the method's default."""
     momentum_decay: float = 0.004
     """NAdam's momentum_decay (psi); the warm-up mu_t = beta1 (1 - 0.5 * 0.96^(t psi))."""
-    momentum_schedule: str = "constant"
+    momentum_schedule: Literal["constant", "theory"] = "constant"
     """DelayedNesterov momentum schedule: "constant" or "theory" (gamma_t = (t-2)/t)."""
     discount: bool = True
     """DelayedNesterov: scale the stale gradient by (1 - gamma_t) (the paper's Eq. 10)."""
@@ -114,8 +141,7 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.momentum < 1.0, "optim.momentum", self.momentum, "must be < 1")
         _check(self.momentum_decay >= 0, "optim.momentum_decay", self.momentum_decay, "must be >= 0")
-        _check(self.momentum_schedule in ("constant", "theory"), "optim.momentum_schedule",
-               self.momentum_schedule, 'must be "constant" or "theory"')
+        _check_choices(self)
         _check(0.0 <= self.warmup_fraction < 1.0, "optim.warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
@@ -123,22 +149,22 @@ class OptimConfig:
 
 @dataclass
 class PipelineConfig:
-    method: str = "nesterov"
+    method: MethodName = "nesterov"
     """Named method (see README / pipenag.methods): gpipe, 1f1b, pipedream, pipedream-lr,
     pipemare, nesterov, nesterov-nows, nesterov-sgd."""
     num_stages: int = 4
     """Pipeline stages K (one process per stage with the dist engine)."""
     num_microbatches: int = 0
     """Microbatches per update M; 0 = the method's default (4 for gpipe/1f1b/2bw, 1 for async)."""
-    schedule: str = ""
+    schedule: Literal["", ScheduleName] = ""
     """Override the method's schedule: gpipe, 1f1b, pipedream, 2bw ("" = the method's)."""
-    stash: str = ""
+    stash: Literal["", "on", "off"] = ""
     """Override weight stashing: "on", "off" ("" = the method's)."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "pipeline.num_stages", self.num_stages, "must be >= 1")
         _check(self.num_microbatches >= 0, "pipeline.num_microbatches", self.num_microbatches, "must be >= 0")
-        _check(self.stash in ("", "on", "off"), "pipeline.stash", self.stash, 'must be "on", "off" or ""')
+        _check_choices(self)
 
 
 @dataclass
@@ -147,7 +173,7 @@ class TrainConfig:
     """Number of optimizer updates."""
     seed: int = 0
     """Seed for the weights and the batch order."""
-    engine: str = "sim"
+    engine: Literal["sim", "dist"] = "sim"
     """"sim" (exact single-process simulator) or "dist" (one process per stage)."""
     eval_every: int = 50
     """Validate every N updates (and always at the end); 0 = only at the end."""
@@ -160,7 +186,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
-        _check(self.engine in ("sim", "dist"), "train.engine", self.engine, 'must be "sim" or "dist"')
+        _check_choices(self)
         for name in ("eval_every", "checkpoint_every", "log_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _check(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "must be >= 1")
@@ -174,6 +200,12 @@ class RunConfig:
     """Print progress lines."""
     threads: int = 0
     """torch threads per process (0 = torch's default)."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard (needs the
+    `tensorboard` package: pip install 'pipenag[tensorboard]')."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 0, "run.threads", self.threads, "must be >= 0")
 
 
 @dataclass
@@ -190,21 +222,19 @@ class LinkConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = ""
+    backend: Literal["", "gloo", "nccl"] = ""
     """torch.distributed backend: "gloo", "nccl" ("" = nccl when CUDA is there, else gloo)."""
     timeout_s: float = 60.0
     """A worker that hears nothing from a peer for this long ends the run with an error."""
     master_port: int = 0
     """Port for the local launcher's rendezvous (0 = a free port)."""
-    sync_executor: str = "own"
+    sync_executor: Literal["own", "torch"] = "own"
     """What runs the synchronous schedules (gpipe, 1f1b) in the dist engine: "own" (pipenag's
     executor, as for every schedule) or "torch" (torch.distributed.pipelining's ScheduleGPipe /
     Schedule1F1B; no link emulation, and the asynchronous schedules cannot use it)."""
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("", "gloo", "nccl"), "dist.backend", self.backend, 'must be "gloo", "nccl" or ""')
-        _check(self.sync_executor in ("own", "torch"), "dist.sync_executor", self.sync_executor,
-               'must be "own" or "torch"')
+        _check_choices(self)
         _check(0 < self.timeout_s <= 3600, "dist.timeout_s", self.timeout_s, "must be in (0, 3600]")
 
 
@@ -228,6 +258,15 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
         return _build(cls, data, "")
+
+    def with_overrides(self, overrides: list[str] | dict) -> "Config":
+        """A new Config: this one with ["--section.key=value", ...] (or a nested dict) applied."""
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        return Config.from_dict(_merge(self.to_dict(), extra))
+
+
+_SECTION_NAMES = {f.type if isinstance(f.type, str) else f.type.__name__: f.name
+                  for f in dataclasses.fields(Config)}
 
 
 def _field_types(cls) -> dict:
@@ -287,7 +326,7 @@ def _coerce(typ, value, name: str):
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name}={value!r}: expected a number") from None
-    if typ is str:
+    if typ is str or _choices(typ):
         if not isinstance(value, str):
             raise ValueError(f"{name}={value!r}: expected a string")
         return value
@@ -355,3 +394,40 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         tree = _merge(tree, extra)
     return Config.from_dict(tree)
+
+
+# Command-line shortcuts: flag -> (section, key, type). Every subcommand that takes a config
+# (train, compare, sweep, bench) accepts them beside --config and --section.key=value.
+SHORTCUTS = {
+    "method": ("pipeline", "method", str, "named method, e.g. nesterov, pipedream, gpipe"),
+    "stages": ("pipeline", "num_stages", int, "pipeline stages K"),
+    "microbatches": ("pipeline", "num_microbatches", int, "microbatches per update M (0 = the method's)"),
+    "steps": ("train", "steps", int, "optimizer updates"),
+    "engine": ("train", "engine", str, "sim or dist"),
+    "out": ("run", "out_dir", str, "run folder"),
+    "seed": ("train", "seed", int, "seed of the weights and the batch order"),
+}
+
+
+def add_config_arguments(parser, skip: tuple[str, ...] = ()) -> None:
+    """Add --config and the SHORTCUTS (except `skip`) to an argparse parser; the
+    --section.key=value overrides are the parser's unknown arguments (parse_known_args)."""
+    parser.add_argument("--config", help="TOML config file (see configs/)")
+    for flag, (section, key, typ, help_text) in SHORTCUTS.items():
+        if flag not in skip:
+            parser.add_argument(f"--{flag}", type=typ, help=f"{help_text} ({section}.{key})")
+
+
+def config_from_args(args, overrides: list[str]) -> Config:
+    """The Config of a parsed command line: defaults, --config, the shortcuts, then the
+    --section.key=value overrides.
+
+    Raises:
+        ValueError: a malformed override, an unknown key or a bad value (named).
+    """
+    tree = parse_overrides(overrides)
+    for flag, (section, key, _, _) in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            tree.setdefault(section, {})[key] = value
+    return load_config(args.config, tree)

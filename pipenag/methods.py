@@ -1,4 +1,4 @@
-"""Named methods: the paper's method and its baselines as presets (../shared/SPEC.md section 4).
+"""Named methods: the paper's method and its baselines as presets (the README's methods table).
 
     pipenag train --method pipemare --stages 8
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipenag.config import Config
-from pipenag.schedules import Schedule, default_microbatches
+from pipenag.schedules import Schedule, microbatches_per_update
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def resolve(cfg: Config) -> ResolvedMethod:
     if method.predict and stash:
         raise ValueError(f"pipeline.stash='on': method {method.name!r} predicts the backward weights "
                          "and needs stashing off")
-    num_microbatches = p.num_microbatches or default_microbatches(schedule_name, p.num_stages)
+    num_microbatches = p.num_microbatches or microbatches_per_update(schedule_name, p.num_stages)
     try:
         schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
     except ValueError as e:

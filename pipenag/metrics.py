@@ -1,17 +1,40 @@
-"""Run metrics: one JSON object per update in metrics.jsonl, and progress lines.
+"""Run metrics: one JSON object per update in metrics.jsonl, TensorBoard events, progress lines.
 
     pipenag train --config configs/tiny.toml --out runs/a && head -3 runs/a/metrics.jsonl
+    pipenag train --config configs/tiny.toml --out runs/a --run.tensorboard=true
+    tensorboard --logdir runs/a/tensorboard
+
+metrics.jsonl is strict JSON: a value that is not a finite number (a diverged loss) is written
+as null, never as a bare NaN or Infinity token that other JSON readers reject.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 METRICS = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def strict_json(value):
+    """`value` with every non-finite float (at any depth) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """json.dumps that never writes NaN or Infinity (see strict_json)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
 
 
 class MetricsWriter:
@@ -28,11 +51,11 @@ class MetricsWriter:
             self.path.write_text("")
         else:
             kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.path.write_text("".join(dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -46,6 +69,42 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_tensorboard() -> None:
+    """Raise ValueError (with the install command) when run.tensorboard cannot work."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ValueError("run.tensorboard=true needs the tensorboard package: "
+                         "pip install 'pipenag[tensorboard]' (or pip install tensorboard)") from None
+
+
+class TensorBoardWriter:
+    """The numbers of each metrics.jsonl record as TensorBoard scalars (tag = the key, step =
+    the update), in RUN/tensorboard.
+
+    Args:
+        out_dir: the run folder.
+        resume_step: on resume, drop the events after this update (they are redone).
+    """
+
+    def __init__(self, out_dir: str | Path, resume_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class Progress:

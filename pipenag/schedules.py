@@ -2,14 +2,19 @@
 
     pipenag schedule --name pipedream --stages 4 --updates 3
 
+    from pipenag import Schedule
+    s = Schedule("pipedream", num_stages=4, num_microbatches=1)
+    [str(a) for a in s.actions(0, num_updates=3)]  # 0F0 0F1 0F2 0B0 0S0 0B1 0S1 0B2 0S2
+    s.forward_version(0, 5)  # 2: stage 0's forward of microbatch 5 reads version 5 - 3
+
 An action is (stage, kind, index) with kind F (forward of a microbatch), B (backward of a
 microbatch) or S (optimizer step; index = the update, 0-based), written compactly as "2F0":
 stage 2, forward, microbatch 0. Microbatches are numbered globally 0, 1, 2, ... over the run.
 Both engines execute these lists: the simulator in one process, the runtime one stage per
 process. Nothing here knows about communication.
 
-Weight versions (../shared/SPEC.md section 2): version v of a stage's weights is the weights
-after v optimizer updates. `Schedule.forward_version` and `Schedule.backward_version` give the
+Weight versions (docs/schedules.md): version v of a stage's weights is the weights after v
+optimizer updates. `Schedule.forward_version` and `Schedule.backward_version` give the
 version a microbatch's forward and backward use at a stage; the action lists are built so that
 this version is always available when the action runs (tests/test_schedules.py checks it by
 counting the steps that precede each action).
@@ -42,14 +47,20 @@ class Action:
         raise ValueError(f"action {text!r}: expected STAGE{{F,B,S}}INDEX such as '2F0'")
 
 
-def default_microbatches(name: str, num_stages: int) -> int:
-    """Microbatches per update when the user gives none: 1 for pipedream, 4 for gpipe and 1f1b,
-    max(4, K) for 2bw (which needs M >= K)."""
+DEFAULT_MICROBATCHES = 4
+"""Microbatches per update of the synchronous schedules when none is asked for (the paper's M)."""
+
+
+def microbatches_per_update(name: str, num_stages: int, requested: int = 0) -> int:
+    """The microbatches per update M that schedule `name` runs when `requested` are asked for
+    (0: DEFAULT_MICROBATCHES): pipedream makes one update per microbatch (always 1), 2bw needs
+    M >= num_stages (max(requested, K)), gpipe and 1f1b take `requested`."""
+    requested = requested or DEFAULT_MICROBATCHES
     if name == "pipedream":
         return 1
     if name == "2bw":
-        return max(4, num_stages)
-    return 4
+        return max(requested, num_stages)
+    return requested
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,16 @@ class Schedule:
     def delay(self, stage_idx: int) -> int:
         """tau_k = K-1-k: how many microbatches stage k runs ahead of its backward."""
         return self.num_stages - 1 - stage_idx
+
+    def staleness(self, stage_idx: int) -> int:
+        """How many updates old the weights of a gradient are when stage `stage_idx` applies it:
+        tau_k for pipedream, 1 for 2bw, 0 for the synchronous schedules. The delay that PipeMare's
+        lr discount and the weight predictions correct for."""
+        if self.name == "pipedream":
+            return self.delay(stage_idx)
+        if self.name == "2bw":
+            return 1
+        return 0
 
     def update_of(self, microbatch: int) -> int:
         return microbatch // self.num_microbatches
@@ -173,53 +194,3 @@ def _async_1f1b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[A
 
 
 _ACTIONS = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "pipedream": _async_1f1b, "2bw": _async_1f1b}
-
-
-def format_grid(schedule: Schedule, num_updates: int) -> str:
-    """A text grid: one row per stage, one column per unit time slot (forward = backward = 1,
-    step = 0), computed by the timing model; then each stage's version table."""
-    from pipenag.timing import simulate
-
-    timeline = simulate(schedule, num_updates)
-    width = max(len(f"{e.action.kind}{e.action.index}") for e in timeline.events) + 1
-    num_slots = int(round(timeline.makespan))
-    lines = [f"{schedule.name}: {schedule.num_stages} stages, {schedule.num_microbatches} "
-             f"microbatch(es) per update, {num_updates} updates (F/B = forward/backward of a "
-             f"microbatch, '.' = idle)"]
-    for k in range(schedule.num_stages):
-        cells = ["."] * num_slots
-        for ev in timeline.events:
-            if ev.action.stage == k and ev.action.kind in "FB":
-                cells[int(round(ev.start))] = f"{ev.action.kind}{ev.action.index}"
-        lines.append(f"stage {k}: " + "".join(c.ljust(width) for c in cells).rstrip())
-    lines.append(f"utilization: " + ", ".join(f"{u:.0%}" for u in timeline.utilization))
-    return "\n".join(lines)
-
-
-def format_versions(schedule: Schedule, num_updates: int) -> str:
-    """For every stage, the weight version each microbatch's forward and backward uses."""
-    total = num_updates * schedule.num_microbatches
-    lines = ["versions used (forward / backward with stash on / backward with stash off):"]
-    for k in range(schedule.num_stages):
-        cells = [
-            f"{j}:{schedule.forward_version(k, j)}/{schedule.backward_version(k, j, True)}"
-            f"/{schedule.backward_version(k, j, False)}"
-            for j in range(total)
-        ]
-        lines.append(f"stage {k} (keeps {schedule.versions_kept(k)}): " + " ".join(cells))
-    return "\n".join(lines)
-
-
-def schedule_main(name: str, num_stages: int, num_microbatches: int, num_updates: int) -> int:
-    """`pipenag schedule`: print the grid, the action lists and the version table."""
-    if num_microbatches <= 0:
-        num_microbatches = default_microbatches(name, num_stages)
-    schedule = Schedule(name, num_stages, num_microbatches)
-    if num_updates < 1:
-        raise ValueError(f"updates={num_updates}: must be >= 1")
-    print(format_grid(schedule, num_updates))
-    print("actions:")
-    for k in range(num_stages):
-        print(f"stage {k}: " + " ".join(str(a) for a in schedule.actions(k, num_updates)))
-    print(format_versions(schedule, num_updates))
-    return 0

@@ -1,6 +1,8 @@
-"""Timing model: the makespan and utilization of a schedule, by event simulation.
+"""Timing model: the makespan and utilization of a schedule, by event simulation, and the
+text grid that `pipenag schedule` prints from it.
 
-    python -c "from pipenag.timing import simulate; from pipenag.schedules import Schedule; \
+    pipenag schedule --name gpipe --stages 4 --updates 2
+    python -c "from pipenag import Schedule; from pipenag.timing import simulate; \
 print(simulate(Schedule('gpipe', 4, 4), 10).makespan)"
 
 Each stage runs its action list (pipenag.schedules) in order. An action starts when its stage is
@@ -127,3 +129,36 @@ def simulate(
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
     """Idle fraction (K-1)/(M+K-1) of a flushing schedule with equal forward and backward times."""
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+def format_grid(schedule: Schedule, num_updates: int) -> str:
+    """A text grid: one row per stage, one column per unit time slot (forward = backward = 1,
+    step = 0), computed by the timing model; then each stage's version table."""
+    timeline = simulate(schedule, num_updates)
+    width = max(len(f"{e.action.kind}{e.action.index}") for e in timeline.events) + 1
+    num_slots = int(round(timeline.makespan))
+    lines = [f"{schedule.name}: {schedule.num_stages} stages, {schedule.num_microbatches} "
+             f"microbatch(es) per update, {num_updates} updates (F/B = forward/backward of a "
+             f"microbatch, '.' = idle)"]
+    for k in range(schedule.num_stages):
+        cells = ["."] * num_slots
+        for ev in timeline.events:
+            if ev.action.stage == k and ev.action.kind in "FB":
+                cells[int(round(ev.start))] = f"{ev.action.kind}{ev.action.index}"
+        lines.append(f"stage {k}: " + "".join(c.ljust(width) for c in cells).rstrip())
+    lines.append(f"utilization: " + ", ".join(f"{u:.0%}" for u in timeline.utilization))
+    return "\n".join(lines)
+
+
+def format_versions(schedule: Schedule, num_updates: int) -> str:
+    """For every stage, the weight version each microbatch's forward and backward uses."""
+    total = num_updates * schedule.num_microbatches
+    lines = ["versions used (forward / backward with stash on / backward with stash off):"]
+    for k in range(schedule.num_stages):
+        cells = [
+            f"{j}:{schedule.forward_version(k, j)}/{schedule.backward_version(k, j, True)}"
+            f"/{schedule.backward_version(k, j, False)}"
+            for j in range(total)
+        ]
+        lines.append(f"stage {k} (keeps {schedule.versions_kept(k)}): " + " ".join(cells))
+    return "\n".join(lines)

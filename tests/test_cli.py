@@ -3,24 +3,16 @@
     python -m pytest tests/test_cli.py -q
 """
 
-import os
+import importlib
+import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
+from helpers import ROOT, subprocess_env
 
 from pipenag.cli import BENCHES, main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -49,9 +41,10 @@ def test_no_command_is_a_usage_error(capsys):
     assert "usage: pipenag" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_schedule_gpipe_two_stages():
     res = subprocess.run([sys.executable, "-m", "pipenag", "schedule", "--name", "gpipe", "--stages", "2"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("gpipe: 2 stages, 4 microbatch(es) per update, 3 updates")
@@ -73,34 +66,47 @@ def test_schedule_errors_are_one_line(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_bench_names_are_dispatched():
-    assert "simulator" in BENCHES
-    import importlib
+@pytest.mark.parametrize("name", ["optimizer", "simulator", "pipeline"])
+def test_bench_names_are_dispatched(name, capsys):
+    """Every bench exists, and `pipenag bench NAME --help` reaches its own parser, which takes
+    the config arguments like `pipenag train`."""
+    assert callable(importlib.import_module(BENCHES[name]).main)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: pipenag bench {name}")
+    assert "--config" in out and "--stages" in out
 
-    for module in BENCHES.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError:
-            continue  # a bench another engineer has not written yet
-        assert callable(mod.main)
+
+def test_bench_config_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "optimizer", "--model.n_layr=2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipenag bench optimizer: error: unknown config key 'model.n_layr'")
+    assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_console_script():
     exe = shutil.which("pipenag")
     if exe is None:
         pytest.skip("no `pipenag` console script on PATH (install the package: pip install -e .)")
-    res = subprocess.run([exe, "--help"], env=_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run([exe, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: pipenag")
+
+
+TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=8",
+              "--data.microbatch_size=2", "--stages", "2"]
 
 
 def test_bench_simulator_smoke(capsys):
     # One tiny timed update per contender, no child processes: the bench runs end to end, and
     # its check line shows the K=2 pipeline's first loss equal to the unsplit model's.
-    torch.set_num_threads(1)
-    args = ["bench", "simulator", "--no-rss", "--methods", "nesterov", "--n-layer", "2", "--n-head", "2",
-            "--n-embd", "16", "--block-size", "8", "--microbatch", "2", "--stages", "2", "--warmup", "0",
-            "--updates", "1"]
+    args = ["bench", "simulator", "--no-rss", "--methods", "nesterov", *TINY_MODEL, "--warmup", "0",
+            "--updates", "1", "--threads", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sim/plain" in out
@@ -108,3 +114,20 @@ def test_bench_simulator_smoke(capsys):
     sim, plain = float(check.split()[5]), float(check.split()[7])
     assert sim == plain
     assert main(["bench", "simulator", "--methods", "nope"]) == 2
+
+
+def test_bench_optimizer_reports_every_optimizer_against_the_baseline(capsys, tmp_path):
+    path = tmp_path / "opt.json"
+    assert main(["bench", "optimizer", *TINY_MODEL, "--repeats", "1", "--warmup", "0",
+                 "--optimizers", "adamw,muon,basis-rotation,sgd-nesterov", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("adamw", "muon", "basis-rotation", "sgd-nesterov")}
+    assert rows["adamw"][3] == "1.00x"  # the baseline against itself
+    res = json.loads(path.read_text())["results"]
+    # State: SGD keeps one buffer per parameter, AdamW two moments and a 4-byte step count per
+    # tensor; basis rotation adds the covariances and bases of every hidden matrix.
+    sgd = res["state_bytes"]["sgd-nesterov"]
+    assert 2 * sgd < res["state_bytes"]["adamw"] <= 2 * sgd + 4 * 100
+    assert res["state_bytes"]["basis-rotation"] > res["state_bytes"]["adamw"]
+    assert res["stage"] == 1 and res["num_params"] > 0

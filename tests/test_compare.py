@@ -18,7 +18,6 @@ from pipenag.config import ModelConfig, load_config
 from pipenag.metrics import read_metrics
 from pipenag.schedules import Schedule
 
-torch.set_num_threads(1)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
@@ -37,6 +36,7 @@ def compared(tmp_path_factory):
     return out, rc
 
 
+@pytest.mark.slow
 def test_writes_one_row_per_method(compared):
     out, rc = compared
     assert rc == 0
@@ -53,6 +53,7 @@ def test_writes_one_row_per_method(compared):
         assert float(r["val_loss"]) > 0 and float(r["sim_time"]) > 0
 
 
+@pytest.mark.slow
 def test_equal_tokens(compared):
     out, _ = compared
     rows = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}
@@ -66,6 +67,7 @@ def test_equal_tokens(compared):
     assert evals["gpipe"] == evals["pipedream"] == evals["nesterov"] == [512, 1024]
 
 
+@pytest.mark.slow
 def test_identical_weights_and_data(compared):
     out, _ = compared
     first = {m: read_metrics(out / m)[0]["train_loss"] for m in ("pipedream", "nesterov")}
@@ -102,6 +104,7 @@ def test_parse_methods_variants():
         parse_methods(" , ")
 
 
+@pytest.mark.slow
 def test_variant_overrides_reach_the_run(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"train.steps": 4})
     assert compare_main("pipedream,pipedream:optim.lr=1e-2", cfg) == 0
@@ -135,6 +138,7 @@ def test_loss_at_equal_time():
     assert [r["val_loss_at_equal_time"] for r in rows] == [pytest.approx(2.5), 2.7, None]
 
 
+@pytest.mark.slow
 def test_summary_has_equal_time_column(compared):
     out, _ = compared
     rows = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}

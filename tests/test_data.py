@@ -20,7 +20,6 @@ from pipenag.data import (BatchStream, ByteTokenizer, Corpus, build_data, build_
 from pipenag.data import tokenizer as tokenizer_mod
 from pipenag.data.corpus import val_score
 
-torch.set_num_threads(1)
 
 
 def small_cfg(tmp_path, **kw) -> DataConfig:

@@ -13,23 +13,20 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from test_dist import (assert_same_records, assert_same_weights, children_of, dist_weights, make_cfg,
-                       run_dist_against_sim, sim_reference)
+from helpers import (assert_same_records, assert_same_state_dicts, children_of, complete_updates, dist_weights,
+                     make_dist_cfg, run_dist_against_sim, sim_reference)
 
 from pipenag.config import load_config
-from pipenag.runtime import checkpoints as ckpts
-from pipenag.runtime.launch import train_dist
 from pipenag.metrics import read_metrics
+from pipenag.runtime.launch import train_dist
 from pipenag.train import load_run_config
-
-torch.set_num_threads(1)
 
 TORCH = ("--dist.sync_executor=torch", "--train.steps=4", "--train.eval_every=2")
 
 
 # M=3 is not a power of two: there torch's default gradient rescaling (scale_grads=True) would
 # differ from the simulator in the last bits (docs/dist.md); M=4 is the gpipe default.
+@pytest.mark.slow
 @pytest.mark.parametrize("method,K,M", [("gpipe", 2, 4), ("1f1b", 3, 3)])
 def test_torch_schedules_equal_the_simulator(tmp_path, method, K, M):
     """Per-update losses, validation losses (after updates 2 and 4) and final weights."""
@@ -40,31 +37,33 @@ def test_torch_schedules_equal_the_simulator(tmp_path, method, K, M):
     assert children_of(os.getpid()) <= before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_with", ["torch", "own"])
 def test_torch_schedule_resumes_from_its_checkpoints(tmp_path, monkeypatch, resume_with):
     """Stage 0 exits after update 3 (checkpoints every 2): --resume continues from update 2, on
     torch's schedule or on the own executor (the files are the same), and ends with the
     simulator's records and weights."""
     extra = (*TORCH, "--train.checkpoint_every=2")
-    records, weights = sim_reference(tmp_path, "1f1b", 2, *extra)
-    cfg = make_cfg(tmp_path / "dist", "1f1b", 2, "--train.engine=dist", *extra)
+    records, weights = sim_reference(make_dist_cfg(tmp_path / "sim", "1f1b", 2, *extra))
+    cfg = make_dist_cfg(tmp_path / "dist", "1f1b", 2, "--train.engine=dist", *extra)
     monkeypatch.setenv("PIPENAG_DIST_FAIL", "0:3")
     assert train_dist(cfg, start_method="fork") == 1
     monkeypatch.delenv("PIPENAG_DIST_FAIL")
     out = Path(cfg.run.out_dir)
-    assert ckpts.complete_updates(out, 2) == [2]
+    assert complete_updates(out, 2) == [2]
     resumed = load_run_config(out)
     assert resumed.dist.sync_executor == "torch"
     resumed.dist.sync_executor = resume_with
     assert train_dist(resumed, resume=True, start_method="fork") == 0
     assert_same_records(read_metrics(out), records)
-    assert_same_weights(dist_weights(out, 4, 2), weights)
+    assert_same_state_dicts(dist_weights(out, 4, 2), weights)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_blames_the_last_stage(tmp_path, capfd):
     """lr 1e30 makes update 2's loss NaN: the last stage exits with a "diverged" summary, and
     stage 0, whose torch schedule loses its neighbour, is reported as the follow-on failure."""
-    cfg = make_cfg(tmp_path / "dist", "gpipe", 2, "--train.engine=dist", "--dist.sync_executor=torch",
+    cfg = make_dist_cfg(tmp_path / "dist", "gpipe", 2, "--train.engine=dist", "--dist.sync_executor=torch",
                    "--optim.lr=1e30")
     assert train_dist(cfg, start_method="fork") == 1
     last_line = capfd.readouterr().err.strip().splitlines()[-1]
@@ -81,7 +80,7 @@ def test_non_finite_loss_blames_the_last_stage(tmp_path, capfd):
     ("1f1b", ("--link.bandwidth_mbps=100",), "link emulation cannot delay"),
 ])
 def test_unsupported_combinations_fail_before_any_work(tmp_path, method, extra, match):
-    cfg = make_cfg(tmp_path / "d", method, 2, "--train.engine=dist", "--dist.sync_executor=torch", *extra)
+    cfg = make_dist_cfg(tmp_path / "d", method, 2, "--train.engine=dist", "--dist.sync_executor=torch", *extra)
     with pytest.raises(ValueError, match=match):
         train_dist(cfg, start_method="fork")
     assert not (tmp_path / "d").exists()

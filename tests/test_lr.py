@@ -12,7 +12,6 @@ import torch
 
 from pipenag.optim import DelayedNesterov, delay_discount_lr, warmup_cosine_lr
 
-torch.set_num_threads(1)
 
 
 def test_warmup_is_linear_to_the_peak():

@@ -12,7 +12,6 @@ from pipenag.config import ModelConfig
 from pipenag.model import GPT, lm_loss
 from pipenag.split import StageModule, build_stages, partition_layers, split_gpt
 
-torch.set_num_threads(1)
 
 SEED = 1234
 

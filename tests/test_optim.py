@@ -14,7 +14,6 @@ import torch
 from pipenag.optim import OPTIMIZERS, DelayedNesterov, build_optimizer
 from pipenag.optim.factory import nows_beta1
 
-torch.set_num_threads(1)
 
 DT = torch.float64
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from pipenag.cli import main as cli_main
-from pipenag.schedules import SCHEDULES, Action, Schedule, default_microbatches
+from pipenag.schedules import SCHEDULES, Action, Schedule, microbatches_per_update
 from pipenag.timing import simulate
 
-torch.set_num_threads(1)
 
 
 def schedules_under_test():
@@ -191,9 +190,20 @@ def test_action_parse_round_trip():
     assert Action.parse("10B123") == Action(10, "B", 123)
 
 
-def test_default_microbatches_are_legal():
-    for name, K in itertools.product(SCHEDULES, range(1, 9)):
-        Schedule(name, K, default_microbatches(name, K))
+def test_microbatches_per_update_are_legal():
+    for name, K, asked in itertools.product(SCHEDULES, range(1, 9), (0, 1, 3, 8)):
+        M = microbatches_per_update(name, K, asked)
+        Schedule(name, K, M)  # raises on an M the schedule forbids
+        if name in ("gpipe", "1f1b"):
+            assert M == (asked or 4)
+    assert microbatches_per_update("pipedream", 8, 4) == 1
+    assert microbatches_per_update("2bw", 8, 4) == 8 and microbatches_per_update("2bw", 2) == 4
+
+
+def test_staleness_is_the_update_delay_of_each_schedule():
+    assert [Schedule("pipedream", 4, 1).staleness(k) for k in range(4)] == [3, 2, 1, 0]
+    assert [Schedule("2bw", 3, 3).staleness(k) for k in range(3)] == [1, 1, 1]
+    assert [Schedule(name, 3, 2).staleness(k) for name in ("gpipe", "1f1b") for k in range(3)] == [0] * 6
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -23,7 +23,6 @@ from pipenag.engine.stage import Record
 from pipenag.model import GPT, lm_loss
 from pipenag.split import build_stages
 
-torch.set_num_threads(1)
 
 SEED = 1234
 # Block ranges of the tiny GPT's stages, written out (partition_layers(4, K), larger first).

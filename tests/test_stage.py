@@ -21,7 +21,6 @@ from pipenag.schedules import Schedule
 from pipenag.split import build_stages
 from test_sim import SEED, assert_same_weights, microbatches, stage_params, tiny_cfg
 
-torch.set_num_threads(1)
 
 
 def held_versions(runner: StageRunner) -> int:

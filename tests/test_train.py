@@ -9,7 +9,6 @@ Every run uses configs/tiny.toml cut down to a 100k-character corpus and a dozen
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,27 +17,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST, ROOT, TINY, sim_weights, subprocess_env, tiny_config
 
 import pipenag.train as train_mod
-from pipenag import checkpoint
+from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.cli import main as cli_main
-from pipenag.config import Config, load_config
+from pipenag.config import Config
 from pipenag.engine.sim import Simulator
 from pipenag.methods import METHODS
 from pipenag.metrics import read_metrics
 from pipenag.train import train_main, train_sim
 
-torch.set_num_threads(1)
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.toml")
 STEPS = 12
-FAST = [f"--train.steps={STEPS}", "--data.max_chars=100000", "--train.eval_every=4", "--run.progress=false",
-        "--run.threads=1"]
+RUN = [f"--train.steps={STEPS}", "--train.eval_every=4"]
 
 
 def make_cfg(out, *extra) -> Config:
-    return load_config(TINY, FAST + [f"--run.out_dir={out}", *extra])
+    return tiny_config(out, *RUN, *extra)
+
+
+def checkpoints(out) -> list[int]:
+    """The simulator run's complete checkpoint updates."""
+    return CheckpointStore(out, [SIM_PART]).complete_updates()
 
 
 def run(out, *extra):
@@ -54,6 +54,7 @@ def losses(metrics, key="train_loss"):
 
 # ------------------------------------------------------------------------------ run folder
 
+@pytest.mark.slow
 def test_run_folder_contents(tmp_path):
     summary, metrics, cfg = run(tmp_path)
     # config.json is the resolved config and loads back into an equal Config.
@@ -83,10 +84,11 @@ def test_run_folder_contents(tmp_path):
     assert saved["wall_time_s"] > 0
     assert (saved["method"], saved["stages"]) == ("nesterov", 4)
     # The final checkpoint is there and complete.
-    state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT)
-    assert state["update"] == STEPS
+    assert checkpoints(tmp_path) == [STEPS]
+    assert CheckpointStore(tmp_path, [SIM_PART]).load(STEPS, SIM_PART)["update"] == STEPS
 
 
+@pytest.mark.slow
 def test_pinned_first_losses(tmp_path):
     # Measured once (2026-11, torch 2.13.0+cpu, Python 3.11.7, one thread) with
     #   python -m pipenag train --config configs/tiny.toml --train.steps=12 --data.max_chars=100000
@@ -101,6 +103,7 @@ def test_pinned_first_losses(tmp_path):
     assert val == pytest.approx({4: 4.996356, 8: 4.758511, 12: 4.687248}, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     _, a, _ = run(tmp_path / "a")
     _, b, _ = run(tmp_path / "b")
@@ -111,6 +114,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     assert all(x != y for x, y in zip(losses(a)[:3], losses(c)[:3]))
 
 
+@pytest.mark.slow
 def test_gpipe_and_1f1b_give_the_same_numbers(tmp_path):
     _, a, _ = run(tmp_path / "a", "--pipeline.method=gpipe", "--train.steps=4")
     _, b, _ = run(tmp_path / "b", "--pipeline.method=1f1b", "--train.steps=4")
@@ -134,30 +138,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "killed"
-    args = ["train", "--config", TINY, "--out", str(run_dir), *FAST, "--train.checkpoint_every=3"]
+    args = ["train", "--config", TINY, "--out", str(run_dir), *FAST, *RUN, "--train.checkpoint_every=3"]
     # `python -m pipenag train ...` with each update slowed by a sleep (DRIVER), so the kill
     # lands in the middle of the run rather than after it has finished.
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt = run_dir / checkpoint.CHECKPOINT
     deadline = time.monotonic() + 120
     killed_at = None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.is_file():
-                update = torch.load(ckpt, map_location="cpu", weights_only=False)["update"]
-                if update >= 3:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = update
-                    break
+            done = checkpoints(run_dir)
+            if done and done[-1] >= 3:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = done[-1]
+                break
             time.sleep(0.02)
     finally:
         if proc.poll() is None and killed_at is None:
@@ -169,7 +166,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert not (run_dir / "summary.json").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "pipenag", "train", "--resume", str(run_dir)],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     after = read_metrics(run_dir)
     _, reference, _ = run(tmp_path / "straight", "--train.checkpoint_every=3")
@@ -184,6 +181,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nesterov", "pipemare", "gpipe"])
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, method):
     # Stop in update 8 (after the checkpoint of update 6 and the metrics line of update 7):
@@ -201,7 +199,7 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, meth
     with pytest.raises(Interrupt):
         run(tmp_path / "cut", *extra)
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 8))
-    assert checkpoint.load(tmp_path / "cut" / checkpoint.CHECKPOINT)["update"] == 6
+    assert checkpoints(tmp_path / "cut") == [3, 6]
     monkeypatch.setattr(Simulator, "step", step)
     assert train_main(None, resume=str(tmp_path / "cut")) == 0
     after = read_metrics(tmp_path / "cut")
@@ -212,9 +210,10 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, meth
 
 # ------------------------------------------------------------------------------ divergence
 
+@pytest.mark.slow
 def test_huge_lr_diverges_with_status_1(tmp_path, capsys):
     out = tmp_path / "div"
-    rc = cli_main(["train", "--config", TINY, "--out", str(out), *FAST, "--optim.lr=1e6",
+    rc = cli_main(["train", "--config", TINY, "--out", str(out), *FAST, *RUN, "--optim.lr=1e6",
                    "--train.checkpoint_every=1"])
     assert rc == 1
     err = capsys.readouterr().err
@@ -222,14 +221,15 @@ def test_huge_lr_diverges_with_status_1(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged"
     last = read_metrics(out)[-1]
-    assert not math.isfinite(last["train_loss"])
+    assert last["train_loss"] is None  # strict JSON: the non-finite loss is written as null
+    assert summary["val_loss"] is None
     assert summary["updates"] == last["step"] < STEPS
-    state = checkpoint.load(out / checkpoint.CHECKPOINT)
-    assert state["update"] == last["step"] - 1
-    for stage in state["sim"]["stages"]:
-        assert all(torch.isfinite(t).all() for t in stage["module"].values())
+    assert checkpoints(out)[-1] == last["step"] - 1
+    for stage in sim_weights(out, last["step"] - 1):
+        assert all(torch.isfinite(t).all() for t in stage.values())
 
 
+@pytest.mark.slow
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import pipenag.build as build
 
@@ -250,8 +250,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["updates"] == 5
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
-    state = checkpoint.load(out / checkpoint.CHECKPOINT)
-    assert state["update"] == 4
+    assert checkpoints(out) == [2, 4]
     # The last good checkpoint resumes into a working simulator.
     monkeypatch.setattr(build, "lm_loss", real)
     assert train_main(None, resume=str(out)) == 0
@@ -266,7 +265,8 @@ def _no_data(*args, **kwargs):
 
 @pytest.mark.parametrize("extra, message", [
     (["--stages", "8"], "cannot split 4 blocks into 8 stages"),
-    (["--method", "nestrov"], "unknown method 'nestrov'"),
+    (["--method", "nestrov"], "pipeline.method='nestrov': must be one of 'gpipe',"),
+    (["--engine", "sims"], "train.engine='sims': must be one of 'sim', 'dist'"),
     (["--method", "gpipe", "--pipeline.schedule=pipedream"], "pipeline.schedule='pipedream'"),
     (["--method", "pipemare", "--pipeline.schedule=2bw"], "pipeline.schedule='2bw'"),
     (["--method", "pipemare", "--pipeline.stash=on"], "pipeline.stash='on'"),
@@ -317,13 +317,14 @@ def test_resume_without_a_run(tmp_path, capsys, monkeypatch):
     make_cfg(tmp_path).save(tmp_path / "config.json")
     assert cli_main(["train", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pipenag train: error: --resume") and "no checkpoint.pt" in err
+    assert err.startswith("pipenag train: error: --resume") and "no complete checkpoint" in err
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipenag", "train", "--config", TINY, "--stages", "8",
-                          "--out", str(tmp_path / "run")], cwd=ROOT, env=_env(), capture_output=True,
+                          "--out", str(tmp_path / "run")], cwd=ROOT, env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip() == "pipenag train: error: cannot split 4 blocks into 8 stages: each stage " \
@@ -332,6 +333,7 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
 
 # ------------------------------------------------------------------------------ every method
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains(tmp_path, method):
     summary, metrics, _ = run(tmp_path, f"--pipeline.method={method}", "--train.steps=6")
@@ -340,3 +342,47 @@ def test_every_method_trains(tmp_path, method):
     assert all(math.isfinite(x) for x in losses(metrics))
     assert math.isfinite(summary["val_loss"])
     assert summary["val_loss"] < math.log(256) + 0.1
+
+
+# ------------------------------------------------------------------------------ outputs
+
+def test_metrics_are_strict_json(tmp_path):
+    from pipenag.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    writer.write({"step": 1, "train_loss": float("nan"), "lr": 1e-3, "val_loss": float("inf")})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"step": 1, "train_loss": None, "lr": 1e-3, "val_loss": None}
+
+
+@pytest.mark.slow
+def test_tensorboard_has_the_scalars_of_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, metrics, _ = run(tmp_path, "--run.tensorboard=true", "--train.steps=6")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("train_loss", "lr", "tokens", "val_loss"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        want = [(r["step"], r[key]) for r in metrics if key in r]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as float32
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    monkeypatch.setattr(train_mod, "build_data", _no_data)
+    rc = cli_main(["train", "--config", TINY, "--out", str(tmp_path / "run"), "--run.tensorboard=true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'pipenag[tensorboard]'" in err and len(err.strip().splitlines()) == 1

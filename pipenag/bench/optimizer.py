@@ -1,108 +1,85 @@
-"""Optimizer step time: DelayedNesterov against torch's SGD-nesterov, NAdam and AdamW.
+"""Optimizer step time and state memory on one pipeline stage, against a baseline in the same run.
 
-    python -m pipenag bench optimizer --sizes 1M,10M,50M --repeats 15 --json runs/bench_optimizer.json
+    pipenag bench optimizer --config configs/small.toml --stages 8
+    pipenag bench optimizer --model.n_embd=512 --stages 1 --optimizers adamw,muon,basis-rotation --json runs/opt.json
 
-For each size it builds one set of transformer-shaped float32 tensors (two blocks: qkv, proj,
-fc and fc-proj matrices, their biases and layer-norm vectors), gives every optimizer its own
-copy, and times `step()` round-robin (the order rotates each round, so neighbours on a shared
-machine slow every optimizer alike). Before every step, untimed, the gradients are reset to
-the same values: torch's foreach SGD-nesterov adds the momentum into p.grad in place, and
-the reset keeps every optimizer's inputs (and cache state) identical. Reports the median
-over the timed rounds and its ratio to torch SGD(momentum=0.9, nesterov=True, foreach=True).
+The stage is built as `pipenag train` builds it (the config's model split into
+pipeline.num_stages stages; --stage picks which, default the middle one), and every optimizer
+gets its own copy of that stage's parameters. Each is built by name with the config's [optim]
+settings (build_optimizer, as the methods use them) or is one of the torch references below.
+The optimizers take turns inside each round, in an order that rotates each round, so that
+drifts of a shared machine hit all alike; before every step, untimed, the gradients are reset
+to the same values (torch's foreach SGD-nesterov adds its momentum into p.grad in place).
+Reported: the median step time, its ratio to the baseline (median/median and the median of the
+per-round ratios), and the bytes of optimizer state against the baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
-from pipenag.bench import cpu_model
+from pipenag.bench import bench_config, bench_parser, machine_info, machine_line
+from pipenag.build import stage_optimizer
+from pipenag.config import Config
+from pipenag.optim import OPTIMIZERS, DelayedNesterov
+from pipenag.split import build_stages
 
-from pipenag.optim import DelayedNesterov
-
-BASELINE = "sgd-nesterov"
-
-# name -> (description, factory(params, weight_decay))
-OPTIMIZERS = {
-    "delayed-nesterov": (
-        "DelayedNesterov(momentum=0.99, foreach=True)",
-        lambda ps, wd: DelayedNesterov(ps, lr=1e-4, momentum=0.99, weight_decay=wd, foreach=True),
-    ),
-    "delayed-nesterov-loop": (
-        "DelayedNesterov(momentum=0.99, foreach=False)",
-        lambda ps, wd: DelayedNesterov(ps, lr=1e-4, momentum=0.99, weight_decay=wd, foreach=False),
-    ),
-    BASELINE: (
-        "torch SGD(momentum=0.9, nesterov=True, foreach=True)",
-        lambda ps, wd: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=wd, foreach=True),
-    ),
-    "nadam": (
-        "torch NAdam(betas=(0.99, 0.999), decoupled wd, foreach=True)",
-        lambda ps, wd: torch.optim.NAdam(
-            ps, lr=1e-4, betas=(0.99, 0.999), weight_decay=wd, decoupled_weight_decay=True, foreach=True
-        ),
-    ),
-    "adamw": (
-        "torch AdamW(betas=(0.9, 0.999), foreach=True)",
-        lambda ps, wd: torch.optim.AdamW(ps, lr=1e-4, weight_decay=wd, foreach=True),
-    ),
+# Torch references beside the named optimizers: name -> (description, factory(params, cfg)).
+REFERENCES: dict[str, tuple[str, Callable]] = {
+    "sgd-nesterov": ("torch SGD(momentum=0.9, nesterov=True, foreach=True)",
+                     lambda ps, o: torch.optim.SGD(ps, lr=o.lr, momentum=0.9, nesterov=True,
+                                                   weight_decay=o.weight_decay, foreach=True)),
+    "nesterov-sgd-loop": ("DelayedNesterov(momentum=0.99, foreach=False): the plain-loop reference",
+                          lambda ps, o: DelayedNesterov(ps, lr=o.lr, momentum=0.99, weight_decay=o.weight_decay,
+                                                        foreach=False)),
 }
+CHOICES = tuple(OPTIMIZERS) + tuple(REFERENCES)
+DEFAULT = "adamw,nesterov,nesterov-sgd,sgd-nesterov,basis-rotation,muon"
 
 
-def parse_size(text: str) -> int:
-    """'1M' -> 1_000_000, '500K' -> 500_000, '2.5e6' -> 2_500_000."""
-    text = text.strip()
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
-    number = text[:-1] if scale != 1 else text
-    try:
-        value = int(float(number) * scale)
-    except ValueError:
-        raise ValueError(f"bad size {text!r}; use e.g. 1M, 500K or 2e6") from None
-    if value < 1000:
-        raise ValueError(f"size {text!r} is below 1000 floats")
-    return value
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (per-parameter buffers)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
 
 
-def param_shapes(num_floats: int, num_blocks: int = 2) -> list[tuple[int, ...]]:
-    """Shapes of `num_blocks` GPT blocks of width d, d a multiple of 32, totalling ~num_floats.
-
-    A block has 12 d^2 + 13 d floats: qkv (3d, d), proj (d, d), fc (4d, d), fc-proj (d, 4d),
-    their biases, and two layer norms (weight and bias).
-    """
-    d = max(32, 32 * round(math.sqrt(num_floats / (12 * num_blocks)) / 32))
-    block = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
-    return block * num_blocks
+def make_optimizer(name: str, module: torch.nn.Module, cfg: Config, stage_idx: int) -> torch.optim.Optimizer:
+    if name in REFERENCES:
+        return REFERENCES[name][1](list(module.parameters()), cfg.optim)
+    return stage_optimizer(cfg.optim, name, module, stage_idx, cfg.pipeline.num_stages)
 
 
-def bench_size(num_floats: int, names: list[str], repeats: int, warmup: int, weight_decay: float) -> dict:
-    """Median step time of each optimizer on one parameter set; see the module docstring."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = param_shapes(num_floats)
-    base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    base_grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
-    actual = sum(t.numel() for t in base)
+def bench_stage(cfg: Config, stage_idx: int, names: list[str], repeats: int, warmup: int) -> dict:
+    """Median step time and state bytes of each optimizer on one stage; see the module docstring."""
+    cfg_model = copy.deepcopy(cfg.model)
+    cfg_model.vocab_size = cfg_model.vocab_size or 256
+    stage = build_stages(cfg_model, cfg.pipeline.num_stages, seed=cfg.train.seed)[stage_idx]
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in stage.parameters()]
     runs = {}
     for name in names:
-        params = [torch.nn.Parameter(t.clone()) for t in base]
-        for p, g in zip(params, base_grads):
+        module = copy.deepcopy(stage)
+        for p, g in zip(module.parameters(), grads):
             p.grad = g.clone()
-        runs[name] = (params, OPTIMIZERS[name][1](params, weight_decay))
+        runs[name] = (module, make_optimizer(name, module, cfg, stage_idx))
     times: dict[str, list[float]] = {name: [] for name in names}
     num_rounds = warmup + repeats
     for r in range(num_rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            params, opt = runs[name]
+            module, opt = runs[name]
             with torch.no_grad():
-                for p, g in zip(params, base_grads):
+                for p, g in zip(module.parameters(), grads):
                     p.grad.copy_(g)
             t0 = time.perf_counter()
             opt.step()
@@ -110,95 +87,85 @@ def bench_size(num_floats: int, names: list[str], repeats: int, warmup: int, wei
             if r >= warmup:
                 times[name].append(dt)
         if (r + 1) % max(1, num_rounds // 4) == 0 or r + 1 == num_rounds:
-            print(f"  {actual / 1e6:.1f}M floats: round {r + 1}/{num_rounds}", flush=True)
-    for name, (params, _) in runs.items():
-        if not all(torch.isfinite(p).all() for p in params):
+            print(f"  round {r + 1}/{num_rounds}", flush=True)
+    for name, (module, _) in runs.items():
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
             raise RuntimeError(f"{name} produced non-finite parameters")
     return {
-        "num_floats": actual,
-        "num_tensors": len(shapes),
-        "shapes": sorted(set(shapes), key=lambda s: -math.prod(s)),
+        "stage": stage_idx,
+        "num_params": sum(p.numel() for p in stage.parameters()),
+        "param_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
+        "shapes": sorted({tuple(p.shape) for p in stage.parameters()}, key=lambda s: -math.prod(s)),
         "median_s": {n: statistics.median(ts) for n, ts in times.items()},
         "min_s": {n: min(ts) for n, ts in times.items()},
-        # Each round times every optimizer back to back, so a per-round ratio cancels most of
-        # the slow drifts a shared machine adds; its median is the robust comparison.
-        "paired_ratio": {
-            n: statistics.median(t / b for t, b in zip(ts, times[BASELINE])) for n, ts in times.items()
-        }
-        if BASELINE in times
-        else {},
+        "times_s": times,
+        "state_bytes": {n: state_bytes(opt) for n, (_, opt) in runs.items()},
     }
 
 
-def format_table(results: list[dict], names: list[str]) -> str:
-    header = (
-        f"{'floats':>8}  {'optimizer':<22} {'median ms':>10} {'min ms':>9} {'median/median':>14} {'paired ratio':>13}"
-    )
+def format_table(res: dict, names: list[str], baseline: str) -> str:
+    base_t, base_b = res["median_s"][baseline], res["state_bytes"][baseline]
+    header = (f"{'optimizer':<20} {'median ms':>10} {'min ms':>9} {'vs ' + baseline:>14} {'paired':>8} "
+              f"{'state MB':>9} {'state vs ' + baseline:>18}")
     lines = [header, "-" * len(header)]
-    for res in results:
-        base = res["median_s"].get(BASELINE)
-        for name in names:
-            med, low = res["median_s"][name], res["min_s"][name]
-            ratio = f"{med / base:.3f}x" if base else "-"
-            paired = f"{res['paired_ratio'][name]:.3f}x" if base else "-"
-            lines.append(
-                f"{res['num_floats'] / 1e6:>7.2f}M  {name:<22} {med * 1e3:>10.2f} {low * 1e3:>9.2f} {ratio:>14} {paired:>13}"
-            )
-    return "\n".join(lines) + f"\nratios are against {BASELINE}; paired = median over rounds of the per-round ratio"
+    for name in names:
+        med = res["median_s"][name]
+        paired = statistics.median(t / b for t, b in zip(res["times_s"][name], res["times_s"][baseline]))
+        sb = res["state_bytes"][name]
+        lines.append(f"{name:<20} {med * 1e3:>10.2f} {res['min_s'][name] * 1e3:>9.2f} {med / base_t:>13.2f}x "
+                     f"{paired:>7.2f}x {sb / 2**20:>9.2f} {sb / base_b if base_b else float('nan'):>17.2f}x")
+    return "\n".join(lines) + (f"\nratios against {baseline}; paired = median over rounds of the per-round "
+                               "ratio; state = bytes of the optimizer's per-parameter tensors")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pipenag bench optimizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1M,10M,50M", help="comma-separated float counts, e.g. 1M,10M,50M")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per optimizer and size (median)")
+    parser = bench_parser("pipenag bench optimizer", __doc__)
+    parser.add_argument("--optimizers", default=DEFAULT, help="comma-separated, from " + ", ".join(CHOICES))
+    parser.add_argument("--baseline", default="adamw", help="the optimizer the ratios are taken against")
+    parser.add_argument("--stage", type=int, default=-1, help="which stage's parameters (default: K // 2)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per optimizer (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="subset of " + ",".join(OPTIMIZERS))
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="the same for every optimizer")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(argv)
+    args, cfg = bench_config(parser, argv)
+    K = cfg.pipeline.num_stages
+    stage_idx = K // 2 if args.stage < 0 else args.stage
     try:
-        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
         names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-        unknown = [n for n in names if n not in OPTIMIZERS]
+        unknown = [n for n in names if n not in CHOICES]
         if unknown:
-            raise ValueError(f"unknown optimizers {unknown}; choose from {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"--optimizers: unknown {unknown}; choose from {', '.join(CHOICES)}")
+        if args.baseline not in names:
+            names.append(args.baseline)
         if args.repeats < 1 or args.warmup < 0:
             raise ValueError(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+        if not 0 <= stage_idx < K:
+            raise ValueError(f"--stage={stage_idx}: must be in [0, {K})")
     except ValueError as e:
         print(f"pipenag bench optimizer: error: {e}", file=sys.stderr)
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-
-    machine = {
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    print(f"cpu {machine['cpu']}, torch {machine['torch']}, python {machine['python']}, "
-          f"{machine['torch_threads']} torch threads")
+    machine = machine_info()
+    print(machine_line(machine))
+    m = cfg.model
+    print(f"stage {stage_idx} of K={K}: GPT n_layer {m.n_layer}, n_embd {m.n_embd}; float32, lr {cfg.optim.lr}, "
+          f"weight decay {cfg.optim.weight_decay}; {args.warmup} warm-up + {args.repeats} timed steps each",
+          flush=True)
     for name in names:
-        print(f"  {name:<22} {OPTIMIZERS[name][0]}")
-    print(f"float32, weight decay {args.weight_decay}, {args.warmup} warm-up + {args.repeats} timed steps each", flush=True)
-    results = []
-    for size in sizes:
-        results.append(bench_size(size, names, args.repeats, args.warmup, args.weight_decay))
+        print(f"  {name:<20} {REFERENCES[name][0] if name in REFERENCES else 'build_optimizer(' + repr(name) + ')'}")
+    res = bench_stage(cfg, stage_idx, names, args.repeats, args.warmup)
+    print(f"{res['num_params']:,} parameters in the stage")
     print()
-    print(format_table(results, names))
-    if "delayed-nesterov" in names and BASELINE in names:
-        for res in results:
-            ratio = res["median_s"]["delayed-nesterov"] / res["median_s"][BASELINE]
-            paired = res["paired_ratio"]["delayed-nesterov"]
-            print(
-                f"delayed-nesterov (foreach) / {BASELINE} at {res['num_floats'] / 1e6:.2f}M floats: "
-                f"{ratio:.3f}x (median/median), {paired:.3f}x (paired)"
-            )
+    print(format_table(res, names, args.baseline))
     if args.json:
         if os.path.dirname(args.json):
             os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results}, f, indent=2)
+            json.dump({"machine": machine, "args": vars(args), "config": cfg.to_dict(), "results": res}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

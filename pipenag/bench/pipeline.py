@@ -1,6 +1,7 @@
 """Pipeline throughput of the real runtime with stages that sleep instead of computing.
 
     pipenag bench pipeline --stages 8 --microbatches 4 --compute-ms 20 --updates 100 --json
+    pipenag bench pipeline --stages 4 --link.latency_ms=20 --link.bandwidth_mbps=100
 
 K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.runtime.executor) and
 transport under each schedule, one after another with a barrier in between. A stage sleeps
@@ -8,7 +9,9 @@ transport under each schedule, one after another with a barrier in between. A st
 is the schedule and the runtime's overhead, not arithmetic: sleeping stages also let 8 processes
 share 2 cores honestly. Every stage checks that each message it receives carries the microbatch
 it expects. All schedules run the same number of microbatches (updates x M; pipedream makes one
-update per microbatch, 2bw uses M' = max(M, K) per update).
+update per microbatch, 2bw uses M' = max(M, K) per update). The stages, M (pipeline.num_microbatches,
+0 = 4), the emulated link ([link]) and the timeout (dist.timeout_s) come from the config, as for
+`pipenag train`; the model is not used.
 
 Reported per schedule: throughput (microbatches per second over the slowest stage's wall
 time), per-stage utilization (time inside forward/backward/step over that wall time), where the
@@ -24,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +36,9 @@ from typing import Optional
 
 import torch
 
-from pipenag.schedules import ASYNC_SCHEDULES, Schedule
+from pipenag.bench import bench_config, bench_parser, machine_line
+from pipenag.config import Config
+from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
 from pipenag.timing import simulate
 
 SCHEDULES = ("pipedream", "2bw", "gpipe", "1f1b")
@@ -80,11 +84,7 @@ class SleepStage:
 
 def plan(name: str, num_stages: int, num_microbatches: int) -> Schedule:
     """The schedule a benchmark runs for `name` (M per update as the schedule allows)."""
-    if name == "pipedream":
-        return Schedule(name, num_stages, 1)
-    if name == "2bw":
-        return Schedule(name, num_stages, max(num_microbatches, num_stages))
-    return Schedule(name, num_stages, num_microbatches)
+    return Schedule(name, num_stages, microbatches_per_update(name, num_stages, num_microbatches))
 
 
 def updates_for(schedule: Schedule, total_microbatches: int) -> int:
@@ -98,7 +98,7 @@ def message_shape(message_kb: float) -> tuple[int, ...]:
 # -- the worker processes -----------------------------------------------------------------------
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _worker(args: argparse.Namespace, cfg: Config) -> int:
     import torch.distributed as dist
 
     from pipenag.runtime.comm import LinkModel, Transport, make_link_groups
@@ -106,16 +106,18 @@ def _worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     rank, K = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s), rank=rank, world_size=K)
+    timeout_s = cfg.dist.timeout_s
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s), rank=rank, world_size=K)
     groups = make_link_groups(K)
-    link = LinkModel.from_config(args.latency_ms, args.bandwidth_mbps)
+    link = LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps)
     shape = message_shape(args.message_kb)
-    total = args.updates * args.microbatches
+    M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
+    total = args.updates * M
     results = {}
     for name in args.schedules.split(","):
-        schedule = plan(name, K, args.microbatches)
+        schedule = plan(name, K, M)
         stage = SleepStage(rank, K, args.compute_ms / 1e3, args.compute_ms / 1e3, shape)
-        transport = Transport(rank, K, groups, shape, link=link, timeout_s=args.timeout_s) if K > 1 else None
+        transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s) if K > 1 else None
         executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
                             inputs=lambda j: torch.zeros(1), targets=lambda j: torch.zeros(1))
         dist.barrier()
@@ -170,55 +172,46 @@ def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_update
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pipenag bench pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", type=int, default=8, help="pipeline stages K (processes)")
-    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per update M (gpipe, 1f1b)")
+    parser = bench_parser("pipenag bench pipeline", __doc__)
     parser.add_argument("--compute-ms", type=float, default=20.0, help="sleep per forward and per backward")
     parser.add_argument("--updates", type=int, default=100,
                         help="updates of gpipe/1f1b; every schedule runs updates x M microbatches")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="emulated link latency")
-    parser.add_argument("--bandwidth-mbps", type=float, default=0.0, help="emulated link bandwidth (0: unlimited)")
     parser.add_argument("--message-kb", type=float, default=4.0, help="size of every activation and gradient")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="dist.timeout_s of the workers")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, cfg = bench_config(parser, argv)
     if args.worker:
-        return _worker(args)
+        return _worker(args, cfg)
     names = [n for n in args.schedules.split(",") if n]
     bad = [n for n in names if n not in SCHEDULES]
     if bad or not names:
         parser.error(f"--schedules: unknown {bad}; valid: {', '.join(SCHEDULES)}")
-    if args.stages < 1 or args.microbatches < 1 or args.updates < 1 or args.compute_ms < 0:
-        parser.error("--stages, --microbatches and --updates must be >= 1, --compute-ms >= 0")
-    return _run(args, names)
+    if args.updates < 1 or args.compute_ms < 0:
+        parser.error(f"--updates={args.updates} must be >= 1 and --compute-ms={args.compute_ms} >= 0")
+    return _run(args, cfg, argv, names)
 
 
-def _run(args: argparse.Namespace, names: list[str]) -> int:
+def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str]) -> int:
     from pipenag.runtime.comm import LinkModel
     from pipenag.runtime.launch import launch_local
 
-    K, M, C = args.stages, args.microbatches, args.compute_ms / 1e3
+    K, C = cfg.pipeline.num_stages, args.compute_ms / 1e3
+    M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
     total = args.updates * M
-    link = LinkModel.from_config(args.latency_ms, args.bandwidth_mbps)
+    link = LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps)
     shape = message_shape(args.message_kb)
     transfer_s = link.transfer_s(shape[0] * 4)
     print(f"pipenag bench pipeline: K={K} stages, M={M} microbatches per update (2bw: {max(M, K)}, "
           f"pipedream: 1), {args.compute_ms:g} ms per forward and per backward (sleep), {total} "
           f"microbatches per schedule ({args.updates} gpipe/1f1b updates), messages "
-          f"{shape[0] * 4 / 1024:g} KiB, link latency {args.latency_ms:g} ms, bandwidth "
-          f"{args.bandwidth_mbps:g} Mbit/s (0 = unlimited)")
-    print(f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; torch "
-          f"{torch.__version__}, Python {platform.python_version()}; {K} worker processes, gloo")
+          f"{shape[0] * 4 / 1024:g} KiB, link latency {cfg.link.latency_ms:g} ms, bandwidth "
+          f"{cfg.link.bandwidth_mbps:g} Mbit/s (0 = unlimited)")
+    print(f"{machine_line()}; {K} worker processes, gloo")
     with tempfile.TemporaryDirectory(prefix="pipenag-bench-") as tmp:
         result = Path(tmp) / "result.json"
-        worker_args = ["--worker", "--result", str(result), "--stages", str(K), "--microbatches", str(M),
-                       "--compute-ms", str(args.compute_ms), "--updates", str(args.updates),
-                       "--schedules", ",".join(names), "--latency-ms", str(args.latency_ms),
-                       "--bandwidth-mbps", str(args.bandwidth_mbps), "--message-kb", str(args.message_kb),
-                       "--timeout-s", str(args.timeout_s)]
+        worker_args = [a for a in argv if a != "--json"] + ["--worker", "--result", str(result)]
         t0 = time.perf_counter()
         rc = launch_local("pipenag.bench.pipeline", worker_args, K, {}, prog="pipenag bench pipeline",
                           start_method="fork")

@@ -1,6 +1,11 @@
 """Simulator overhead: time per update and extra memory against plain single-process training.
 
-    python -m pipenag bench simulator --methods nesterov,gpipe --json runs/bench_simulator.json
+    pipenag bench simulator --methods nesterov,gpipe --stages 8 --json runs/bench_simulator.json
+    pipenag bench simulator --config configs/small.toml --no-rss
+
+The model, the microbatch, the stages and the optimizer settings come from the config (--config,
+--stages, --section.key=value as for `pipenag train`); random tokens of model.vocab_size (256
+when 0) stand in for data.
 
 For each method it builds the pipeline exactly as `pipenag train` does (build_pipeline: the GPT
 split into K stages, one optimizer per stage, the method's learning rates) and runs it in the
@@ -35,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,14 +49,11 @@ from typing import Callable
 
 import torch
 
-from pipenag.bench import cpu_model
-
-from pipenag.build import PipelineParts, build_pipeline
-from pipenag.config import load_config
-from pipenag.methods import resolve
+from pipenag.bench import bench_config, bench_parser, machine_info, machine_line
+from pipenag.build import PipelineParts, build_pipeline, stage_optimizer
+from pipenag.config import Config
 from pipenag.model import GPT, lm_loss
-from pipenag.optim import build_optimizer
-from pipenag.split import partition_layers
+from pipenag.run import preflight
 
 MB = 1024 * 1024
 
@@ -69,26 +70,26 @@ def proc_status_kb(field: str) -> int:
     return -1
 
 
-def bench_overrides(args: argparse.Namespace, method: str) -> list[str]:
-    return [
-        f"--model.n_layer={args.n_layer}", f"--model.n_head={args.n_head}", f"--model.n_embd={args.n_embd}",
-        f"--model.block_size={args.block_size}", f"--model.vocab_size={args.vocab_size}",
-        f"--data.microbatch_size={args.microbatch}", f"--pipeline.method={method}",
-        f"--pipeline.num_stages={args.stages}", f"--train.steps={args.warmup + args.updates}",
-        f"--train.seed={args.seed}",
-    ]
+def method_config(cfg: Config, method: str, args: argparse.Namespace) -> Config:
+    """The run config of one contender: the method, and as many updates as the bench makes."""
+    return cfg.with_overrides([f"--pipeline.method={method}", f"--train.steps={args.warmup + args.updates}"])
 
 
-def pipeline_parts(args: argparse.Namespace, method: str) -> PipelineParts:
-    return build_pipeline(load_config(overrides=bench_overrides(args, method)), vocab_size=args.vocab_size)
+def vocab_size(cfg: Config) -> int:
+    return cfg.model.vocab_size or 256
 
 
-def batches(args: argparse.Namespace, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` random (x, y) microbatches of shape (microbatch, block_size)."""
-    gen = torch.Generator().manual_seed(args.seed + 1)
+def pipeline_parts(cfg: Config, method: str, args: argparse.Namespace) -> PipelineParts:
+    return build_pipeline(method_config(cfg, method, args), vocab_size=vocab_size(cfg))
+
+
+def batches(cfg: Config, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` random (x, y) microbatches of shape (microbatch_size, block_size)."""
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    B, T = cfg.data.microbatch_size, cfg.model.block_size
     out = []
     for _ in range(count):
-        ids = torch.randint(args.vocab_size, (args.microbatch, args.block_size + 1), generator=gen)
+        ids = torch.randint(vocab_size(cfg), (B, T + 1), generator=gen)
         out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     return out
 
@@ -98,16 +99,12 @@ class Plain:
     M x (forward, backward of loss / M), clip, set lr, step, zero_grad."""
 
     def __init__(self, parts: PipelineParts, seed: int):
-        o = parts.cfg.optim
         torch.manual_seed(seed)  # as build_stages does: the same initial weights
         self.model = GPT(parts.model_cfg)
         self.params = list(self.model.parameters())
-        self.optimizer = build_optimizer(
-            parts.resolved.optimizer, self.params, lr=o.lr, weight_decay=o.weight_decay,
-            momentum=o.momentum if o.momentum >= 0 else None, momentum_decay=o.momentum_decay,
-            momentum_schedule=o.momentum_schedule, discount=o.discount, stage_idx=0, num_stages=1)
+        self.optimizer = stage_optimizer(parts.cfg.optim, parts.resolved.optimizer, self.model, 0, 1)
         self.lr_fn = parts.lr_fns[-1]  # the last stage has no delay: the plain schedule
-        self.grad_clip = o.grad_clip
+        self.grad_clip = parts.cfg.optim.grad_clip
         self.num_microbatches = parts.resolved.schedule.num_microbatches
         self.num_updates = 0
 
@@ -140,15 +137,15 @@ def minimal_stash_bytes(sim) -> int:
     return total
 
 
-def contenders(args: argparse.Namespace, method: str, which: tuple[str, ...] = ("sim", "plain")):
+def contenders(cfg: Config, args: argparse.Namespace, method: str, which: tuple[str, ...] = ("sim", "plain")):
     """name -> (step function over an update's microbatches, the object), plus the parts."""
-    parts = pipeline_parts(args, method)
+    parts = pipeline_parts(cfg, method, args)
     out = {}
     if "sim" in which:
         sim = parts.simulator()
         out["sim"] = (sim.step, sim)
     if "plain" in which:
-        plain = Plain(parts, args.seed)
+        plain = Plain(parts, cfg.train.seed)
         out["plain"] = (plain.step, plain)
     if "sim" not in which:
         # A plain run alone (the memory child) must not keep the pipeline's copy of the model.
@@ -157,10 +154,10 @@ def contenders(args: argparse.Namespace, method: str, which: tuple[str, ...] = (
     return out, parts
 
 
-def time_method(args: argparse.Namespace, method: str) -> dict:
-    runs, parts = contenders(args, method)
+def time_method(cfg: Config, args: argparse.Namespace, method: str) -> dict:
+    runs, parts = contenders(cfg, args, method)
     M = parts.resolved.schedule.num_microbatches
-    pool = batches(args, 8 * M)
+    pool = batches(cfg, 8 * M)
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
     first_loss: dict[str, float] = {}
@@ -193,7 +190,7 @@ def time_method(args: argparse.Namespace, method: str) -> dict:
     }
 
 
-def child_main(args: argparse.Namespace) -> int:
+def child_main(cfg: Config, args: argparse.Namespace) -> int:
     """Run one contender alone and print its memory as JSON (for the parent's memory numbers).
 
     `--child METHOD:WHICH` reports the resident set; `--child METHOD:WHICH:timeline` instead
@@ -210,12 +207,12 @@ def child_main(args: argparse.Namespace) -> int:
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                        with_stack=True)
         prof.__enter__()
-    runs, parts = contenders(args, method, (which,))
+    runs, parts = contenders(cfg, args, method, (which,))
     step = runs[which][0]
     M = parts.resolved.schedule.num_microbatches
-    pool = batches(args, 8 * M)
+    pool = batches(cfg, 8 * M)
     # Enough updates for every stage to hold all the versions it ever holds (K - 1 updates).
-    for r in range(child_updates(args)):
+    for r in range(max(parts.resolved.schedule.num_stages + 2, 4)):
         step([pool[(r * M + i) % len(pool)] for i in range(M)])
     out = {"rss_start_kb": rss0, "hwm_kb": proc_status_kb("VmHWM")}
     if prof is not None:
@@ -237,10 +234,6 @@ TIMELINE_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "ac
                        "autograd_detail", "unknown")
 
 
-def child_updates(args: argparse.Namespace) -> int:
-    return max(args.stages + 2, 4)
-
-
 def child_memory(argv: list[str], method: str, which: str, tmp: str, timeline: bool = False) -> dict:
     cmd = [sys.executable, "-m", "pipenag", "bench", "simulator", *argv, "--child-tmp", tmp,
            "--child", f"{method}:{which}" + (":timeline" if timeline else "")]
@@ -255,26 +248,18 @@ def child_memory(argv: list[str], method: str, which: str, tmp: str, timeline: b
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pipenag bench simulator", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("pipenag bench simulator", __doc__)
     parser.add_argument("--methods", default="nesterov,gpipe", help="comma-separated method names")
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=256, help="the byte tokenizer's")
-    parser.add_argument("--microbatch", type=int, default=8, help="sequences per microbatch")
-    parser.add_argument("--stages", type=int, default=8, help="pipeline stages K")
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates first")
     parser.add_argument("--updates", type=int, default=15, help="timed updates (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rss", action="store_true", help="skip the child-process RSS runs")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--timeline", action="store_true",
                         help="also measure the peak live tensor bytes with torch.profiler (slow)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-tmp", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, cfg = bench_config(parser, argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -282,26 +267,24 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"need --updates >= 1 and --warmup >= 0, got {args.updates} and {args.warmup}")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         for method in methods:  # a bad method or model fails here, before any timing
-            cfg = load_config(overrides=bench_overrides(args, method))
-            partition_layers(cfg.model.n_layer, resolve(cfg).schedule.num_stages)
+            preflight(method_config(cfg, method, args))
     except ValueError as e:
         print(f"pipenag bench simulator: error: {e}", file=sys.stderr)
         return 2
     if args.child:
-        return child_main(args)
+        return child_main(cfg, args)
 
-    machine = {"cpu": cpu_model(), "num_cpus": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
-    print(f"cpu {machine['cpu']}, torch {machine['torch']}, python {machine['python']}, "
-          f"{machine['torch_threads']} torch thread(s)")
-    print(f"GPT n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, block {args.block_size}, "
-          f"vocab {args.vocab_size}; microbatch {args.microbatch}; K={args.stages}; "
+    machine = machine_info()
+    print(machine_line(machine))
+    m = cfg.model
+    print(f"GPT n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, block {m.block_size}, "
+          f"vocab {vocab_size(cfg)}; microbatch {cfg.data.microbatch_size}; K={cfg.pipeline.num_stages}; "
           f"{args.warmup} warm-up + {args.updates} timed updates", flush=True)
     child_argv = [a for a in argv if a not in ("--no-rss", "--timeline")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            res = time_method(args, method)
+            res = time_method(cfg, args, method)
             print(f"  {res['describe']}", flush=True)
             if not args.no_rss:
                 mem = {w: child_memory(child_argv, method, w, tmp) for w in ("plain", "sim")}
@@ -339,7 +322,8 @@ def main(argv: list[str]) -> int:
                 print(f"  {key}: {json.dumps(res[key])}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results}, f, indent=2)
+            json.dump({"machine": machine, "args": vars(args), "config": cfg.to_dict(), "results": results}, f,
+                      indent=2)
     return 0
 
 

@@ -19,7 +19,8 @@ import torch
 
 from pipenag.config import DataConfig
 from pipenag.data.corpus import Corpus, load_corpus
-from pipenag.data.tokenizer import ByteTokenizer, atomic_write_bytes, build_tokenizer, cache_root
+from pipenag import atomic
+from pipenag.data.tokenizer import ByteTokenizer, build_tokenizer, cache_root
 
 _SEED_STRIDE = 1_000_003  # batch i of seed s uses generator seed s * stride + i
 _SEED_MOD = 1 << 63  # torch generator seeds must fit in 64 bits
@@ -51,7 +52,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer,
         buf = io.BytesIO()
         # int32 halves the file; every vocabulary here is far below 2**31.
         torch.save({"train": train_ids.to(torch.int32), "val": val_ids.to(torch.int32)}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic.write_bytes(path, buf.getvalue())
     return train_ids, val_ids
 
 

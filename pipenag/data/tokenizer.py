@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from pipenag import atomic
 from pipenag.config import DataConfig
 from pipenag.data.corpus import Corpus
 
@@ -35,22 +35,6 @@ def cache_root(cache_dir: str = "") -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "pipenag"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and os.replace, so that a reader (or a
-    concurrent run) sees either no file or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ByteTokenizer:
@@ -145,7 +129,7 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus):
     if path.is_file():
         return BPETokenizer.from_file(path)
     bpe = train_bpe(corpus.train, cfg.bpe_vocab_size)
-    atomic_write_bytes(path, bpe.tokenizer.to_str().encode("utf-8"))
+    atomic.write_bytes(path, bpe.tokenizer.to_str().encode("utf-8"))
     return bpe
 
 

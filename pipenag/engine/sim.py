@@ -1,9 +1,11 @@
 """The exact single-process simulator of a pipeline schedule.
 
-    python -c "import pipenag.engine.sim as s; help(s.Simulator)"
+    from pipenag import Schedule, Simulator
+    sim = Simulator(stages, loss_fn, optimizers, Schedule("pipedream", len(stages), 1), stash=True)
+    loss = sim.step([(x, y)])       # one update: M (input, target) pairs, here M = 1
 
 In every schedule here, the weight version a microbatch meets at a stage depends only on the
-updates made before that microbatch (../shared/SPEC.md section 2). So running the microbatches
+updates made before that microbatch (docs/schedules.md). So running the microbatches
 one after another (forward through all stages, backward through all stages, then the updates
 that are due) reproduces an asynchronous pipeline exactly, provided each stage reads the
 version the schedule prescribes. The per-stage work is done by StageRunner, the same code the
@@ -17,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from pipenag.engine.stage import StageRunner, WeightPredictor
+from pipenag.engine.stage import make_runner
 from pipenag.schedules import Schedule
 
 
@@ -28,9 +30,11 @@ class Simulator:
         stages: the stage modules, first to last; stage k's output is stage k+1's input.
         loss_fn: loss_fn(last stage output, target) -> scalar mean loss of a microbatch.
         optimizers: one torch optimizer per stage.
-        schedule: "gpipe", "1f1b", "pipedream" or "2bw".
+        schedule: a Schedule over len(stages) stages, or its name ("gpipe", "1f1b",
+            "pipedream" or "2bw") with `num_microbatches`.
         stash: weight stashing (the backward uses the forward's weights) or not.
-        num_microbatches: microbatches per update M (pipedream: 1; 2bw: >= len(stages)).
+        num_microbatches: microbatches per update M when `schedule` is a name (pipedream: 1;
+            2bw: >= len(stages)).
         lr_fns: optional per-stage functions update (1-based) -> lr.
         grad_clip: per-stage gradient-norm clip (0: off).
         predict: PipeMare weight prediction for the backward (needs stash=False).
@@ -47,7 +51,7 @@ class Simulator:
         stages: Sequence[nn.Module],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         optimizers: Sequence[torch.optim.Optimizer],
-        schedule: str = "pipedream",
+        schedule: Schedule | str = "pipedream",
         stash: bool = True,
         num_microbatches: int = 1,
         lr_fns: Optional[Sequence[Callable[[int], float]]] = None,
@@ -64,11 +68,15 @@ class Simulator:
             raise ValueError(f"lr_fns: got {len(lr_fns)} for {len(stages)} stages")
         if predict and stash:
             raise ValueError("predict=True (PipeMare weight prediction) needs stash=False")
-        self.schedule = Schedule(schedule, len(stages), num_microbatches)
+        if isinstance(schedule, str):
+            schedule = Schedule(schedule, len(stages), num_microbatches)
+        elif schedule.num_stages != len(stages):
+            raise ValueError(f"schedule: {schedule.num_stages} stages, but {len(stages)} stage modules")
+        self.schedule = schedule
         self.runners = [
-            make_runner(self.schedule, k, module, optimizers[k], loss_fn, stash,
-                        lr_fns[k] if lr_fns is not None else None, grad_clip, predict,
-                        predict_decay, record)
+            make_runner(schedule, k, module, optimizers[k], loss_fn, stash=stash,
+                        lr_fn=lr_fns[k] if lr_fns is not None else None, grad_clip=grad_clip,
+                        predict=predict, predict_decay=predict_decay, record=record)
             for k, module in enumerate(stages)
         ]
         self.num_updates = 0
@@ -104,21 +112,3 @@ class Simulator:
         self.num_updates = state["num_updates"]
         for runner, s in zip(self.runners, state["stages"]):
             runner.load_state_dict(s)
-
-
-def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, stash: bool,
-                lr_fn, grad_clip: float, predict: bool, predict_decay: float,
-                record: Optional[list]) -> StageRunner:
-    """The StageRunner of one stage, as both engines build it."""
-    if predict and schedule.name != "pipedream":
-        raise ValueError(f"predict=True (PipeMare weight prediction) needs the pipedream schedule, "
-                         f"got {schedule.name!r}")
-    if predict and stash:
-        raise ValueError("predict=True (PipeMare weight prediction) needs stash=False")
-    predictor = None
-    tau = schedule.delay(stage_idx) if schedule.name == "pipedream" else 0
-    if predict and tau > 0:
-        predictor = WeightPredictor([p.detach() for p in module.parameters()], tau, predict_decay)
-    return StageRunner(module, optimizer, schedule, stage_idx, stash=stash,
-                       loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
-                       lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor, record=record)

@@ -1,6 +1,8 @@
 """One pipeline stage's work: forward, backward and step of its module, with weight versions.
 
-    python -m pytest tests/test_sim.py -q
+    from pipenag import Schedule, make_runner
+    runner = make_runner(Schedule("pipedream", 4, 1), 3, module, optimizer, loss_fn)
+    loss = runner.forward(0, x, y); runner.backward(0); runner.step()   # the last stage
 
 `StageRunner` is the piece both engines share: the simulator calls it for all stages in one
 process, the distributed runtime calls it in each stage's process in the order of the stage's
@@ -327,3 +329,27 @@ class StageRunner:
         if self.predictor is not None and state["delta"] is not None:
             self.predictor.delta = [d.clone() for d in state["delta"]]
         self.pending.clear()
+
+
+def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, *,
+                stash: bool = True, lr_fn: Optional[Callable[[int], float]] = None, grad_clip: float = 0.0,
+                predict: bool = False, predict_decay: float = 0.9,
+                record: Optional[list] = None) -> StageRunner:
+    """The StageRunner of one stage, as both engines build it: `loss_fn` is kept on the last
+    stage only, and `predict` adds PipeMare's WeightPredictor where the stage has a delay.
+
+    Raises:
+        ValueError: predict without the pipedream schedule, or predict with stash on.
+    """
+    if predict and schedule.name != "pipedream":
+        raise ValueError(f"predict=True (PipeMare weight prediction) needs the pipedream schedule, "
+                         f"got {schedule.name!r}")
+    if predict and stash:
+        raise ValueError("predict=True (PipeMare weight prediction) needs stash=False")
+    predictor = None
+    tau = schedule.staleness(stage_idx)
+    if predict and tau > 0:
+        predictor = WeightPredictor([p.detach() for p in module.parameters()], tau, predict_decay)
+    return StageRunner(module, optimizer, schedule, stage_idx, stash=stash,
+                       loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
+                       lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor, record=record)

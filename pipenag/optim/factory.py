@@ -1,9 +1,11 @@
-"""Build a stage's optimizer from a name: the optimizers behind the named methods (SPEC 4).
+"""Build a stage's optimizer from a name: the optimizers behind the named methods (README).
 
     python -c "import torch; from pipenag.optim import build_optimizer; print(build_optimizer('nesterov', [torch.nn.Parameter(torch.zeros(3))], lr=3e-4))"
 
 Where the math is torch's, this returns torch's optimizer: the paper's Adam form of the
-look-ahead recursion is exactly torch.optim.NAdam (its mu_{t+1} is the paper's gamma_{t+1}).
+look-ahead recursion is exactly torch.optim.NAdam (its mu_{t+1} is the paper's gamma_{t+1}),
+and Muon is torch.optim.Muon. The matrix optimizers (basis-rotation, muon) treat a stage's
+hidden weight matrices apart from the rest and so take the stage module, not a parameter list.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import math
 
 import torch
 
+from pipenag.optim.basis_rotation import BasisRotation
+from pipenag.optim.composite import CompositeOptimizer, hidden_matrix_params
 from pipenag.optim.delayed_nesterov import MOMENTUM_SCHEDULES, DelayedNesterov
+from pipenag.optim.muon import build_muon
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "nows_beta1"]
 
-OPTIMIZERS = ("adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd")
+OPTIMIZERS = ("adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon")
+MATRIX_OPTIMIZERS = ("basis-rotation", "muon")
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
@@ -76,11 +82,17 @@ def build_optimizer(
             momentum_schedule, discount.
         sgd: torch.optim.SGD, momentum or 0 (plain, no Nesterov); its weight decay is
             torch's coupled L2 term (added to the gradient), not decoupled.
+        basis-rotation: BasisRotation (betas (momentum or 0.9, 0.999), eps 1e-8, refresh
+            every 10 steps, both sides rotated) on the module's hidden matrices
+            (hidden_matrix_params), AdamW (same betas) on the rest, in one CompositeOptimizer.
+        muon: torch.optim.Muon (momentum or 0.95, Nesterov, lr matched to AdamW's RMS) on
+            the hidden matrices, AdamW (0.9, 0.999) on the rest (pipenag.optim.muon).
     "momentum or X" means X when momentum is None; an explicit 0.0 is kept.
 
     Args:
         name: one of OPTIMIZERS.
-        params: parameters or parameter groups, as for any torch optimizer.
+        params: parameters or parameter groups, as for any torch optimizer, or an nn.Module
+            (its parameters); basis-rotation and muon need the module.
         lr: learning rate >= 0.
         weight_decay: >= 0; decoupled for adamw, nesterov*, nesterov-sgd.
         momentum: beta1 / momentum coefficient in [0, 1); None picks the name's default.
@@ -96,6 +108,12 @@ def build_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if name in MATRIX_OPTIMIZERS and not isinstance(params, torch.nn.Module):
+        raise ValueError(f"optimizer {name!r} splits a stage into hidden matrices and the rest: "
+                         f"pass the stage module, not {type(params).__name__}")
+    module = params if isinstance(params, torch.nn.Module) else None
+    if module is not None:
+        params = module.parameters()
     _check_number("lr", lr, 0.0)
     _check_number("weight_decay", weight_decay, 0.0)
     if momentum is not None:
@@ -137,5 +155,17 @@ def build_optimizer(
             discount=discount,
             foreach=foreach,
         )
+    if name == "basis-rotation":
+        hidden, rest = hidden_matrix_params(module)
+        betas = (default(0.9), 0.999)
+        children = []
+        if hidden:
+            children.append(BasisRotation(hidden, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay))
+        if rest:
+            children.append(torch.optim.AdamW(rest, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
+                                              foreach=foreach))
+        return CompositeOptimizer(children)
+    if name == "muon":
+        return build_muon(module, lr=lr, weight_decay=weight_decay, momentum=default(0.95))
     # sgd
     return torch.optim.SGD(params, lr=lr, momentum=default(0.0), weight_decay=weight_decay, foreach=foreach)

@@ -162,7 +162,7 @@ class Sender:
             self._works.append(dist.isend(tensor, self.dst, group=self.group, tag=tag))
         except RuntimeError as e:  # the connection is already gone
             raise PeerFailure(f"stage {self.stage_idx}: sending to stage {self.peer_stage} failed "
-                              f"({_short(e)})", self.peer_stage) from None
+                              f"({short_error(e)})", self.peer_stage) from None
         while len(self._works) > self.max_pending:
             self._wait_one()
 
@@ -172,7 +172,7 @@ class Sender:
             _wait(work, self.timeout_s)
         except RuntimeError as e:
             raise PeerFailure(f"stage {self.stage_idx}: sending to stage {self.peer_stage} failed "
-                              f"({_short(e)})", self.peer_stage) from None
+                              f"({short_error(e)})", self.peer_stage) from None
 
     def _release_loop(self) -> None:
         assert self._queue is not None
@@ -237,7 +237,7 @@ class Receiver:
         try:
             work = dist.irecv(buf, self.src, group=self.group, tag=seq & TAG_MASK)
         except RuntimeError as e:  # the connection is already gone
-            raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} ({_short(e)})",
+            raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} ({short_error(e)})",
                               self.peer_stage) from None
         self._posted[key] = (buf, work)
         return True
@@ -263,7 +263,7 @@ class Receiver:
                 raise PeerFailure(f"stage {self.stage_idx}: stage {self.peer_stage} stopped answering: "
                                   f"{what} did not arrive within {self.timeout_s:g} s", self.peer_stage) from None
             raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} while waiting "
-                              f"for {what} ({_short(e)})", self.peer_stage) from None
+                              f"for {what} ({short_error(e)})", self.peer_stage) from None
         return buf
 
     @property
@@ -271,7 +271,7 @@ class Receiver:
         return len(self._posted)
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """The gist of a c10d error: its first sentence, without the source location."""
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__

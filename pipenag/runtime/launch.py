@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
-from pipenag.runtime import checkpoints as ckpts
+from pipenag.run import preflight
 from pipenag.runtime.torch_pipelining import check_supported
 from pipenag.runtime.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_PEER, PARENT_ENV, RESUME_ENV, DistEnv,
                                  run_worker)
@@ -53,15 +54,12 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
     env = DistEnv.from_env()
     if env is not None:
         return run_worker(cfg, resume, env)
-    from pipenag.methods import resolve
-    from pipenag.split import partition_layers
-
-    K = resolve(cfg).schedule.num_stages
-    partition_layers(cfg.model.n_layer, K)
+    K = preflight(cfg).schedule.num_stages
     check_supported(cfg)
-    if resume and not ckpts.complete_updates(cfg.run.out_dir, K):
+    store = CheckpointStore(cfg.run.out_dir, [stage_part(k) for k in range(K)])
+    if resume and not store.complete_updates():
         raise ValueError(f"--resume {cfg.run.out_dir!r}: no update has a checkpoint from all {K} stages "
-                         f"in {Path(cfg.run.out_dir) / ckpts.CHECKPOINT_DIR}")
+                         f"in {store.folder}")
     if start_method is None:
         import torch
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from pipenag.config import Config
-from pipenag.runtime.comm import PeerFailure, _short
+from pipenag.runtime.comm import PeerFailure, short_error
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -56,34 +56,13 @@ def check_supported(cfg: Config) -> None:
                          "dist.sync_executor='own' or set both to 0")
 
 
-def run_torch_schedule(
-    runner,
-    stage_idx: int,
-    num_stages: int,
-    device: torch.device,
-    act_shape: tuple[int, int, int],
-    num_updates: int,
-    start_update: int,
-    train_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    val_batches: list,
-    eval_updates: set[int],
-    on_loss: Optional[Callable[[int, torch.Tensor], None]],
-    after_update: Callable[[int, Optional[float]], None],
-) -> dict:
-    """Train one stage for updates start_update+1 .. num_updates with torch's schedule.
+def run_torch_schedule(st) -> dict:
+    """Train one stage with torch's schedule, from update st.rec.start to train.steps.
 
     Args:
-        runner: the stage's StageRunner (module, optimizer, lr function, clip); its step() is
-            each update.
-        stage_idx, num_stages: this stage and the pipeline's K (= rank and world size).
-        device: where the stage lives.
-        act_shape: (B, T, C) of the activations between stages.
-        num_updates, start_update: the run's updates and the updates already done (resume).
-        train_batch: microbatch index -> (x, y), the same batches the simulator uses.
-        val_batches: the validation (x, y) batches.
-        eval_updates: 1-based updates after which to validate.
-        on_loss: (microbatch, loss) on the last stage, in microbatch order.
-        after_update: (update, val_loss or None) after each update (val_loss on the last stage).
+        st: the stage's pipenag.runtime.worker.StageTraining: its runner (module, optimizer, lr
+            function, clip; runner.step() is each update), its batches, its Recorder (start
+            update, evaluation updates) and the callbacks on_loss and after_update.
     Returns:
         The stage's timing: wall_s, schedule_s (torch's step: forwards, backwards and their
         communication, which it does not separate), optimizer_s, eval_s, and counts.
@@ -92,8 +71,11 @@ def run_torch_schedule(
 
     from pipenag.model import lm_loss
 
-    k, K = stage_idx, num_stages
-    first, last = k == 0, k == K - 1
+    runner, device, k, K = st.runner, st.device, st.stage_idx, st.num_stages
+    first, last = st.first, st.last
+    cfg = st.cfg
+    act_shape = (cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd)
+    eval_updates = st.rec.eval_updates()
     schedule_name = runner.schedule.name
     assert schedule_name in SCHEDULES, schedule_name  # check_supported ran before
     M = runner.schedule.num_microbatches
@@ -113,18 +95,18 @@ def run_torch_schedule(
     stats = {"executor": "torch", "wall_s": 0.0, "schedule_s": 0.0, "optimizer_s": 0.0, "eval_s": 0.0,
              "counts": {"S": 0, "E": 0}}
     t_start = clock()
-    for u in range(start_update, num_updates):
-        batch = [train_batch(u * M + i) for i in range(M)]
+    for u in range(st.rec.start, cfg.train.steps):
+        batch = [st.train_batch(u * M + i) for i in range(M)]
         t = clock()
         with _neighbour_errors(k, K, f"update {u + 1}"):
             outputs = _step(schedule, batch, first, last)
         stats["schedule_s"] += clock() - t
-        if last and on_loss is not None:
+        if last:
             # The microbatch losses from the outputs torch returns (its loss_fn also runs once
             # for shape inference, so recording inside it would count one loss too many).
             with torch.no_grad():
                 for i, (out_i, (_, y_i)) in enumerate(zip(torch.chunk(outputs, M), batch)):
-                    on_loss(u * M + i, lm_loss(out_i, y_i))
+                    st.on_loss(u * M + i, lm_loss(out_i, y_i))
         t = clock()
         runner.next_forward = (u + 1) * M  # this update's forwards are done: keep no old version
         runner.step()
@@ -134,10 +116,10 @@ def run_torch_schedule(
         if u + 1 in eval_updates:
             t = clock()
             with _neighbour_errors(k, K, f"the validation after update {u + 1}"):
-                val_loss = evaluate_pipeline(module, k, K, device, act_shape, val_batches)
+                val_loss = evaluate_pipeline(module, k, K, device, act_shape, st.val_batches)
             stats["eval_s"] += clock() - t
             stats["counts"]["E"] += 1
-        after_update(u + 1, val_loss)
+        st.after_update(u + 1, val_loss)
     stats["wall_s"] = clock() - t_start
     return stats
 
@@ -172,7 +154,7 @@ def _neighbour_errors(stage_idx: int, num_stages: int, during: str) -> Iterator[
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
             message = f"stage {k}: {who} stopped answering during {during} (torch.distributed.pipelining)"
         else:
-            message = f"stage {k}: lost {who} during {during} ({_short(e)})"
+            message = f"stage {k}: lost {who} during {during} ({short_error(e)})"
         raise PeerFailure(message, peers[0] if len(peers) == 1 else None) from None
 
 

@@ -21,7 +21,6 @@ step creating version UPDATE; PIPENAG_DIST_FAIL=STAGE:UPDATE:hang makes it stop 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -35,9 +34,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pipenag import checkpoint
+from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
-from pipenag.runtime import checkpoints as ckpts
+from pipenag.model import lm_loss
+from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, validation_batches
 from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.runtime.executor import Executor
 from pipenag.runtime.torch_pipelining import check_supported, run_torch_schedule
@@ -49,10 +49,6 @@ CONFIG_ENV = "PIPENAG_DIST_CONFIG"
 RESUME_ENV = "PIPENAG_DIST_RESUME"
 ERRDIR_ENV = "PIPENAG_DIST_ERRDIR"
 PARENT_ENV = "PIPENAG_DIST_PARENT"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -83,15 +79,6 @@ def backend_and_device(cfg: Config, local_rank: int) -> tuple[str, torch.device]
             raise ValueError("dist.backend='nccl' needs CUDA; use gloo on CPU")
         return backend, torch.device("cuda", local_rank)
     return backend, torch.device("cpu")
-
-
-def update_sets(cfg: Config) -> tuple[set[int], set[int]]:
-    """(updates followed by validation, updates with a checkpoint), 1-based, as train_sim."""
-    t = cfg.train
-    evals = {u for u in range(1, t.steps + 1) if u == t.steps or (t.eval_every and u % t.eval_every == 0)}
-    saves = {u for u in range(1, t.steps + 1)
-             if u == t.steps or (t.checkpoint_every and u % t.checkpoint_every == 0)}
-    return evals, saves
 
 
 def _fail(message: str, code: int, peer_stage: Optional[int] = None) -> None:
@@ -147,9 +134,6 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
         ValueError: the world size is not pipeline.num_stages, or a bad config (before any
             process group is set up).
     """
-    from pipenag.methods import resolve
-    from pipenag.split import partition_layers
-
     env = env or DistEnv.from_env()
     if env is None:
         raise ValueError("run_worker needs RANK and WORLD_SIZE in the environment (torchrun or pipenag's launcher)")
@@ -157,13 +141,11 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
     if env.world_size != K:
         raise ValueError(f"WORLD_SIZE={env.world_size}: the dist engine runs one process per stage, "
                          f"so it must equal pipeline.num_stages={K}")
-    resolve(cfg)
-    partition_layers(cfg.model.n_layer, K)
+    preflight(cfg)
     check_supported(cfg)
     _die_with_parent()
     backend, device = backend_and_device(cfg, env.local_rank)
-    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
-    torch.set_num_threads(threads)
+    set_threads(cfg, env.local_world_size)
     k = env.rank
     try:
         if device.type == "cuda":
@@ -171,7 +153,7 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s),
                                 rank=env.rank, world_size=env.world_size,
                                 device_id=device if device.type == "cuda" else None)
-        _train(cfg, resume, k, K, backend, device)
+        _train(cfg, resume, k, backend, device)
         dist.destroy_process_group()
     except PeerFailure as e:
         _fail(str(e), EXIT_PEER, e.peer_stage)
@@ -184,178 +166,128 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
     return 0
 
 
-def _train(cfg: Config, resume: bool, k: int, K: int, backend: str, device: torch.device) -> None:
+class StageTraining:
+    """One stage's training in the runtime: its StageRunner, its Recorder, and the callbacks
+    either executor calls (on_loss, eval_forward, after_update).
+
+    Args:
+        cfg, parts, data: the run's config, PipelineParts and DataBundle.
+        stage_idx: this process's stage (= rank).
+        device: where the stage lives.
+    """
+
+    def __init__(self, cfg: Config, parts, data, stage_idx: int, device: torch.device):
+        K = parts.resolved.schedule.num_stages
+        self.cfg, self.data, self.device = cfg, data, device
+        self.stage_idx, self.num_stages = stage_idx, K
+        self.first, self.last = stage_idx == 0, stage_idx == K - 1
+        self.schedule, self.stash = parts.resolved.schedule, parts.resolved.stash
+        self.module = parts.stages[stage_idx].to(device)
+        self.runner = parts.runner(stage_idx)
+        self.rec = Recorder(cfg, parts, data, engine="dist", part=stage_part(stage_idx),
+                            checkpoint_parts=[stage_part(i) for i in range(K)], writes_records=self.last)
+        self.val_batches = validation_batches(cfg, data)
+        self._loss_sums: dict[int, float] = {}
+
+    def train_batch(self, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.device) for t in self.data.train.get(microbatch))
+
+    def on_loss(self, microbatch: int, loss: torch.Tensor) -> None:
+        """The last stage's loss of a microbatch, summed in microbatch order as the simulator."""
+        u = microbatch // self.schedule.num_microbatches
+        self._loss_sums[u] = self._loss_sums.get(u, 0.0) + float(loss)
+
+    def eval_forward(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        out = self.module(x)
+        return lm_loss(out, y) if self.last else out
+
+    def after_update(self, update: int, val_loss: Optional[float]) -> None:
+        """After the step creating version `update` (and its validation): record, checkpoint."""
+        _fail_hook(self.stage_idx, update)
+        if self.last:
+            self.rec.record(update, self._loss_sums.pop(update - 1) / self.schedule.num_microbatches, val_loss)
+        if self.rec.is_checkpoint(update):
+            self.rec.save_checkpoint(update, {"stage": self.stage_idx, "num_stages": self.num_stages,
+                                              "runner": self.runner.state_dict()})
+
+    def resume(self) -> None:
+        """Load the newest checkpoint set that every stage holds and verifies."""
+        update = _agree_on_resume_update(self.rec.store, self.stage_idx, self.num_stages, self.cfg.run.out_dir)
+        self.runner.load_state_dict(self.rec.load_checkpoint(update, map_location=self.device)["runner"])
+
+    def finish(self, status: str, updates: int, backend: str, stage_stats: Optional[list]) -> dict:
+        return self.rec.finish(status, updates, backend=backend, sync_executor=self.cfg.dist.sync_executor,
+                               link={"latency_ms": self.cfg.link.latency_ms,
+                                     "bandwidth_mbps": self.cfg.link.bandwidth_mbps},
+                               stage_stats=stage_stats)
+
+
+def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device) -> None:
     from pipenag.build import build_pipeline
-    from pipenag.data import build_data, fixed_batches
-    from pipenag.metrics import MetricsWriter, Progress
-    from pipenag.model import lm_loss
-    from pipenag.train import VAL_SEED, tokens_per_update
+    from pipenag.data import build_data
 
-    first, last = k == 0, k == K - 1
-    out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ckpts.CHECKPOINT_DIR).mkdir(exist_ok=True)
     on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b
-    groups = None if on_torch else make_link_groups(K)
+    groups = None if on_torch else make_link_groups(cfg.pipeline.num_stages)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
-    parts = build_pipeline(cfg, data.vocab_size)
-    schedule, stash = parts.resolved.schedule, parts.resolved.stash
-    M = schedule.num_microbatches
-    module = parts.stages[k]
-    module.to(device)
-    runner = parts.runner(k)
-    progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.run.progress and last)
-
-    start, elapsed = 0, 0.0
+    st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size), data, k, device)
     if resume:
-        start = _agree_on_resume_update(out, k, K)
-        state = torch.load(ckpts.stage_checkpoint(out, start, k), map_location=device, weights_only=False)
-        if state["fingerprint"] != data.fingerprint:
-            raise ValueError(f"--resume {str(out)!r}: the data changed since the checkpoint "
-                             f"(fingerprint {data.fingerprint} != {state['fingerprint']})")
-        runner.load_state_dict(state["runner"])
-        elapsed = state["elapsed"]
-        progress.start_step = start
-        progress.message(f"pipenag: resumed {out} at update {start}")
-    elif last:
-        cfg.save(out / "config.json")
-    progress.message(f"pipenag: {parts.describe()}; dist engine, {K} processes, backend {backend}"
-                     f"{', torch.distributed.pipelining' if on_torch else ''}; "
-                     f"data {data.corpus.source} ({len(data.train_ids):,} train tokens)")
+        st.resume()
+    st.rec.begin(f"dist engine, {st.num_stages} processes, backend {backend}"
+                 f"{', torch.distributed.pipelining' if on_torch else ''}; "
+                 f"data {data.corpus.source} ({len(data.train_ids):,} train tokens)")
+    try:
+        stats = run_torch_schedule(st) if on_torch else _run_executor(st, groups, backend).to_dict()
+    except NonFiniteLoss:
+        st.finish("diverged", st.rec.last_update, backend, None)
+        raise
+    finally:
+        st.rec.close()
+    gathered: list = [None] * st.num_stages
+    dist.all_gather_object(gathered, stats)  # also: every stage wrote its last checkpoint
+    st.rec.store.prune(stage_part(k))
+    summary = st.finish("ok", cfg.train.steps, backend, gathered)
+    if st.last:
+        print(final_line(summary, cfg.run.out_dir), flush=True)
 
-    evals, saves = update_sets(cfg)
-    # Without stashing a stage keeps no old versions in the runtime's order, and a checkpoint
-    # must let a resumed run redo the forwards in flight: drain the pipeline at checkpoints.
-    drains = saves if not stash else set()
-    val = fixed_batches(data.val_ids, cfg.model.block_size, cfg.data.microbatch_size,
-                        cfg.train.eval_batches, seed=VAL_SEED)
-    per_update = tokens_per_update(cfg, M)
-    writer = MetricsWriter(out, resume_step=start if resume else None) if last else None
-    loss_sums: dict[int, float] = {}
-    summary_val = [float("nan")]  # the latest validation loss (last stage)
-    t0 = time.perf_counter() - elapsed
 
-    def on_loss(microbatch: int, loss: torch.Tensor) -> None:
-        u = microbatch // M
-        loss_sums[u] = loss_sums.get(u, 0.0) + float(loss)  # in microbatch order, as the simulator
-
-    def eval_forward(x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        out_ = module(x)
-        return lm_loss(out_, y) if last else out_
-
-    def after_update(update: int, val_loss: Optional[float]) -> None:
-        _fail_hook(k, update)
-        if last:
-            loss = loss_sums.pop(update - 1) / M
-            lr = parts.lr_fns[0](update)
-            record = {"step": update, "tokens": update * per_update, "train_loss": loss, "lr": lr,
-                      "time_s": round(time.perf_counter() - t0, 4)}
-            if not math.isfinite(loss):
-                writer.write(record)
-                _write_summary(cfg, parts, data, out, "diverged", update, float("nan"), t0, backend, None)
-                raise NonFiniteLoss(f"non-finite training loss {loss} at update {update}; the last good "
-                                    f"checkpoint (if any) is kept in {out}")
-            if val_loss is not None:
-                record["val_loss"] = val_loss
-                summary_val[0] = val_loss
-            writer.write(record)
-            progress.update(update, loss, lr, per_update, f" val {val_loss:.4f}" if val_loss is not None else "")
-        if update in saves:
-            state = {"update": update, "stage": k, "num_stages": K, "runner": runner.state_dict(),
-                     "elapsed": time.perf_counter() - t0, "fingerprint": data.fingerprint}
-            checkpoint.save_atomic(state, ckpts.stage_checkpoint(out, update, k))
-            ckpts.prune(out, k, K)
-
-    B, T, C = cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd
-    if on_torch:
-        try:
-            stats = run_torch_schedule(
-                runner, k, K, device, (B, T, C), cfg.train.steps, start,
-                train_batch=lambda j: tuple(t.to(device) for t in data.train.get(j)),
-                val_batches=val, eval_updates=evals, on_loss=on_loss if last else None,
-                after_update=after_update)
-        finally:
-            if writer is not None:
-                writer.close()
-        _finish(cfg, parts, data, out, k, K, stats, summary_val[0], t0, backend)
-        return
+def _run_executor(st: StageTraining, groups, backend: str):
+    """Run the stage's action list with pipenag's executor; returns its Stats."""
+    cfg, k, K = st.cfg, st.stage_idx, st.num_stages
     transport = None
     if K > 1:
-        transport = Transport(k, K, groups, (B, T, C), torch.float32, device,
+        transport = Transport(k, K, groups, (cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd),
+                              torch.float32, st.device,
                               LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps),
                               timeout_s=cfg.dist.timeout_s if backend == "gloo" else None)
+    # Without stashing a stage keeps no old versions in the runtime's order, and a checkpoint
+    # must let a resumed run redo the forwards in flight: drain the pipeline at checkpoints.
+    drains = st.rec.checkpoint_updates() if not st.stash else set()
+    val = st.val_batches
     executor = Executor(
-        runner, schedule, k, transport, cfg.train.steps, start,
-        inputs=(lambda j: data.train.get(j)[0].to(device)) if first else None,
-        targets=(lambda j: data.train.get(j)[1].to(device)) if last else None,
-        eval_updates=evals, drain_updates=drains,
-        eval_inputs=(lambda i: val[i][0].to(device)) if first else None,
-        eval_targets=(lambda i: val[i][1].to(device)) if last else None,
-        num_eval=len(val), eval_forward=eval_forward, on_loss=on_loss if last else None,
-        after_update=after_update)
-    try:
-        stats = executor.run()
-    finally:
-        if writer is not None:
-            writer.close()
-    _finish(cfg, parts, data, out, k, K, stats.to_dict(), summary_val[0], t0, backend)
+        st.runner, st.schedule, k, transport, cfg.train.steps, st.rec.start,
+        inputs=(lambda j: st.train_batch(j)[0]) if st.first else None,
+        targets=(lambda j: st.train_batch(j)[1]) if st.last else None,
+        eval_updates=st.rec.eval_updates(), drain_updates=drains,
+        eval_inputs=(lambda i: val[i][0].to(st.device)) if st.first else None,
+        eval_targets=(lambda i: val[i][1].to(st.device)) if st.last else None,
+        num_eval=len(val), eval_forward=st.eval_forward, on_loss=st.on_loss if st.last else None,
+        after_update=st.after_update)
+    return executor.run()
 
 
-def _finish(cfg: Config, parts, data, out: Path, k: int, K: int, stats: dict, val_loss: float, t0: float,
-            backend: str) -> None:
-    """Gather every stage's timing; the last stage writes summary.json (either executor)."""
-    gathered: list = [None] * K
-    dist.all_gather_object(gathered, stats)  # also: every stage wrote its last checkpoint
-    ckpts.prune(out, k, K)
-    if k == K - 1:
-        summary = _write_summary(cfg, parts, data, out, "ok", cfg.train.steps, val_loss, t0, backend,
-                                 gathered)
-        ppl = "n/a" if summary["val_ppl"] is None else f"{summary['val_ppl']:.2f}"
-        print(f"val_loss {summary['val_loss']:.4f} (ppl {ppl}) after {summary['updates']} updates, "
-              f"{summary['tokens']:,} tokens, {summary['wall_time_s']:.1f}s -> {out}/summary.json", flush=True)
-
-
-def _agree_on_resume_update(out: Path, k: int, K: int) -> int:
-    """The newest update with a checkpoint from every stage, agreed by all ranks (each may see
-    only its own files when the run folder is not shared between machines)."""
-    mine = ckpts.stage_updates(out, k)
+def _agree_on_resume_update(store: CheckpointStore, k: int, K: int, out_dir: str) -> int:
+    """The newest update with a verified checkpoint from every stage, agreed by all ranks (each
+    may see only its own files when the run folder is not shared between machines)."""
+    mine = store.verified_updates(stage_part(k))
     everyone: list = [None] * K
     dist.all_gather_object(everyone, mine)
     common = set(everyone[0])
     for updates in everyone[1:]:
         common &= set(updates)
     if not common:
-        raise ValueError(f"--resume {str(out)!r}: no update has a checkpoint from all {K} stages "
+        raise ValueError(f"--resume {out_dir!r}: no update has a checkpoint from all {K} stages "
                          f"(updates per stage: {everyone})")
     return max(common)
-
-
-def _write_summary(cfg: Config, parts, data, out: Path, status: str, updates: int, val_loss: float,
-                   t0: float, backend: str, stage_stats: Optional[list]) -> dict:
-    from pipenag.train import tokens_per_update
-
-    r = parts.resolved
-    summary = {
-        "status": status,
-        "method": cfg.pipeline.method,
-        "schedule": r.schedule.name,
-        "stages": r.schedule.num_stages,
-        "microbatches_per_update": r.schedule.num_microbatches,
-        "updates": updates,
-        "tokens": updates * tokens_per_update(cfg, r.schedule.num_microbatches),
-        "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 50 else None,
-        "wall_time_s": round(time.perf_counter() - t0, 3),
-        "engine": "dist",
-        "backend": backend,
-        "sync_executor": cfg.dist.sync_executor,
-        "link": {"latency_ms": cfg.link.latency_ms, "bandwidth_mbps": cfg.link.bandwidth_mbps},
-        "data_fingerprint": data.fingerprint,
-        "num_params": sum(p.numel() for s in parts.stages for p in s.parameters()),
-        "stage_stats": stage_stats,
-    }
-    checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def main(argv: Optional[list[str]] = None) -> int:

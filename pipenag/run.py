@@ -1,0 +1,236 @@
+"""The bookkeeping both engines share: when to evaluate and checkpoint, the per-update record,
+divergence, checkpoints and resume, summary.json and the final line.
+
+    pipenag train --config configs/tiny.toml --out runs/a                  # the simulator
+    pipenag train --config configs/tiny.toml --engine dist --out runs/b    # one process per stage
+
+An engine trains; it hands each update's numbers to its `Recorder`, which writes the record
+(metrics.jsonl, TensorBoard, the progress line), stops a run whose loss is not finite, saves
+and finds checkpoints (pipenag.checkpoint), and writes summary.json. A new metric or summary
+field is added here once, for both engines. In the runtime every stage has a Recorder for
+its checkpoints; the last stage's also writes the records and the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipenag import atomic
+from pipenag.checkpoint import CheckpointStore
+from pipenag.config import Config
+from pipenag.metrics import MetricsWriter, Progress, TensorBoardWriter, check_tensorboard, dumps, strict_json
+
+VAL_SEED = 1234
+"""Seed of the fixed validation batches (the same for every run, engine and method)."""
+
+SUMMARY = "summary.json"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss of an update was NaN or infinite: the run stops."""
+
+
+def tokens_per_update(cfg: Config, num_microbatches: int) -> int:
+    return num_microbatches * cfg.data.microbatch_size * cfg.model.block_size
+
+
+def preflight(cfg: Config):
+    """Every check that needs neither data nor model, so that a bad config fails before any
+    work: the method and its overrides, the split, the optional TensorBoard package.
+
+    Returns:
+        The ResolvedMethod.
+    Raises:
+        ValueError: naming the bad setting.
+    """
+    from pipenag.methods import resolve
+    from pipenag.split import partition_layers
+
+    resolved = resolve(cfg)
+    partition_layers(cfg.model.n_layer, resolved.schedule.num_stages)
+    if cfg.run.tensorboard:
+        check_tensorboard()
+    return resolved
+
+
+def set_threads(cfg: Config, processes_per_machine: int) -> int:
+    """Set torch's intra-op threads: run.threads, or else the cores divided among the processes
+    that share this machine. Both engines call it with the number of processes the runtime
+    would start here (pipeline.num_stages for the simulator), so that they reduce in the same
+    order and agree bit for bit. Returns the thread count."""
+    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, processes_per_machine))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def validation_batches(cfg: Config, data) -> list:
+    """The fixed validation microbatches every evaluation of every run uses."""
+    from pipenag.data import fixed_batches
+
+    return fixed_batches(data.val_ids, cfg.model.block_size, cfg.data.microbatch_size,
+                         cfg.train.eval_batches, seed=VAL_SEED)
+
+
+class Recorder:
+    """One process's bookkeeping of a training run.
+
+    Args:
+        cfg: the run's config (run.out_dir is the run folder).
+        parts: the PipelineParts (pipenag.build) of the run.
+        data: the DataBundle (for its fingerprint).
+        engine: "sim" or "dist" (goes into summary.json).
+        part: this process's checkpoint part (checkpoint.SIM_PART or stage_part(k)).
+        checkpoint_parts: every part of a checkpoint set.
+        writes_records: whether this process writes metrics.jsonl, TensorBoard, the progress
+            line and summary.json (the simulator; the runtime's last stage).
+    """
+
+    def __init__(self, cfg: Config, parts, data, *, engine: str, part: str, checkpoint_parts: list[str],
+                 writes_records: bool = True):
+        self.cfg, self.parts, self.data = cfg, parts, data
+        self.engine, self.part, self.writes_records = engine, part, writes_records
+        self.out = Path(cfg.run.out_dir)
+        self.num_microbatches = parts.resolved.schedule.num_microbatches
+        self.per_update = tokens_per_update(cfg, self.num_microbatches)
+        self.store = CheckpointStore(self.out, checkpoint_parts)
+        self.progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.run.progress and writes_records)
+        self.start = 0
+        self.last_update = 0  # the latest update recorded (or resumed from)
+        self.val_loss = float("nan")  # the latest validation loss
+        self._t0 = time.perf_counter()
+        self._writers: list = []
+
+    # -- when -------------------------------------------------------------------------------
+    def is_eval(self, update: int) -> bool:
+        t = self.cfg.train
+        return update == t.steps or bool(t.eval_every and update % t.eval_every == 0)
+
+    def is_checkpoint(self, update: int) -> bool:
+        t = self.cfg.train
+        return update == t.steps or bool(t.checkpoint_every and update % t.checkpoint_every == 0)
+
+    def eval_updates(self) -> set[int]:
+        return {u for u in range(1, self.cfg.train.steps + 1) if self.is_eval(u)}
+
+    def checkpoint_updates(self) -> set[int]:
+        return {u for u in range(1, self.cfg.train.steps + 1) if self.is_checkpoint(u)}
+
+    # -- start ------------------------------------------------------------------------------
+    def load_checkpoint(self, update: int, map_location="cpu") -> dict:
+        """This part's checkpoint of `update`, checked against the data; sets the start point
+        (and the clock) of the run and drops this part's files after it.
+
+        Raises:
+            ValueError: the data changed since the checkpoint was written.
+        """
+        state = self.store.load(update, self.part, map_location=map_location)
+        if state["fingerprint"] != self.data.fingerprint:
+            raise ValueError(f"--resume {str(self.out)!r}: the data changed since the checkpoint "
+                             f"(fingerprint {self.data.fingerprint} != {state['fingerprint']})")
+        self.store.discard_after(update, self.part)
+        self.start = self.last_update = update
+        self._t0 = time.perf_counter() - state["elapsed"]
+        self.progress.start_step = update
+        return state
+
+    def begin(self, message: str) -> None:
+        """Open the run folder's outputs (a fresh run writes config.json, a resumed one keeps
+        the records up to its start) and print the run's first line."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.writes_records:
+            resume_step = self.start if self.start else None
+            if resume_step is None:
+                self.cfg.save(self.out / "config.json")
+            self._writers.append(MetricsWriter(self.out, resume_step=resume_step))
+            if self.cfg.run.tensorboard:
+                self._writers.append(TensorBoardWriter(self.out, resume_step=resume_step))
+        if self.start:
+            self.progress.message(f"pipenag: resumed {self.out} at update {self.start}")
+        self.progress.message(f"pipenag: {self.parts.describe()}; {message}")
+
+    # -- every update -----------------------------------------------------------------------
+    def record(self, update: int, train_loss: float, val_loss: Optional[float] = None) -> dict:
+        """Write the record of `update` (1-based): step, tokens, train_loss, lr, time_s and
+        val_loss when given. Returns it.
+
+        Raises:
+            NonFiniteLoss: the training loss is not finite (after the record is written).
+        """
+        lr = self.parts.lr_fns[0](update)
+        rec = {"step": update, "tokens": update * self.per_update, "train_loss": train_loss, "lr": lr,
+               "time_s": round(self.elapsed(), 4)}
+        self.last_update = update
+        if val_loss is not None:
+            rec["val_loss"] = val_loss
+            self.val_loss = val_loss
+        for writer in self._writers:
+            writer.write(rec)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"non-finite training loss {train_loss} at update {update}; the last good "
+                                f"checkpoint (if any) is kept in {self.out}")
+        self.progress.update(update, train_loss, lr, self.per_update,
+                             f" val {val_loss:.4f}" if val_loss is not None else "")
+        return rec
+
+    def save_checkpoint(self, update: int, state: dict) -> None:
+        """Save this part's checkpoint of `update` (the fingerprint and clock are added)."""
+        self.store.save(update, self.part, dict(state, update=update, elapsed=self.elapsed(),
+                                                fingerprint=self.data.fingerprint))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    # -- end --------------------------------------------------------------------------------
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
+
+    def finish(self, status: str, updates: int, **extra) -> dict:
+        """Close the outputs and (if this process writes records) write summary.json.
+
+        Args:
+            status: "ok" or "diverged".
+            updates: updates done.
+            extra: engine-specific summary fields.
+        Returns:
+            The summary.
+        """
+        self.close()
+        val = self.val_loss if status == "ok" else float("nan")
+        summary = {
+            "status": status,
+            "method": self.cfg.pipeline.method,
+            "schedule": self.parts.resolved.schedule.name,
+            "stages": self.parts.resolved.schedule.num_stages,
+            "microbatches_per_update": self.num_microbatches,
+            "updates": updates,
+            "tokens": updates * self.per_update,
+            "val_loss": val,
+            "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else None,
+            "wall_time_s": round(self.elapsed(), 3),
+            "engine": self.engine,
+            "threads": torch.get_num_threads(),
+            "data_fingerprint": self.data.fingerprint,
+            "num_params": self.parts.num_params,
+            **extra,
+        }
+        summary = strict_json(summary)  # the file's values: null for a loss that is not finite
+        if self.writes_records:
+            atomic.write_text(self.out / SUMMARY, dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def final_line(summary: dict, out_dir: str | Path) -> str:
+    """The line `pipenag train` ends with."""
+    val = summary["val_loss"]
+    ppl = "n/a" if summary["val_ppl"] is None else f"{summary['val_ppl']:.2f}"
+    val_text = "n/a" if val is None or not math.isfinite(val) else f"{val:.4f}"
+    return (f"val_loss {val_text} (ppl {ppl}) after {summary['updates']} updates, {summary['tokens']:,} tokens, "
+            f"{summary['wall_time_s']:.1f}s -> {Path(out_dir) / SUMMARY}")

@@ -1,0 +1,123 @@
+"""Helpers shared by the test modules (tests import this, never each other).
+
+    from helpers import TINY, tiny_config, assert_same_records
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipenag.checkpoint import SIM_PART, CheckpointStore, stage_part
+from pipenag.config import Config, load_config
+from pipenag.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.toml")
+# configs/tiny.toml cut to seconds: a 100k-character corpus, one thread, no progress lines.
+FAST = ["--data.max_chars=100000", "--run.threads=1", "--run.progress=false"]
+
+
+def tiny_config(out: str | Path, *extra: str) -> Config:
+    """configs/tiny.toml with FAST and `extra` overrides, writing to `out`."""
+    return load_config(TINY, FAST + [f"--run.out_dir={out}", *extra])
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a `python -m pipenag ...` child: this checkout first on the path,
+    one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def children_of(pid: int) -> set[int]:
+    """Pids of the processes whose parent is `pid`, zombies included (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return set(found)
+
+
+RECORD_KEYS = ("step", "tokens", "train_loss", "lr", "val_loss")
+
+
+def assert_same_records(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics.jsonl records agree exactly on every number but the wall time."""
+    assert [{k: r.get(k) for k in RECORD_KEYS} for r in a] == [{k: r.get(k) for k in RECORD_KEYS} for r in b]
+
+
+def assert_same_state_dicts(a: list[dict], b: list[dict]) -> None:
+    """Per-stage module state dicts are equal bit for bit."""
+    assert len(a) == len(b)
+    for k, (sa, sb) in enumerate(zip(a, b)):
+        assert sa.keys() == sb.keys()
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), (k, name)
+
+
+def sim_weights(out: str | Path, update: int) -> list[dict]:
+    """The per-stage module state dicts of a simulator run's checkpoint of `update`."""
+    state = CheckpointStore(out, [SIM_PART]).load(update, SIM_PART)
+    return [s["module"] for s in state["sim"]["stages"]]
+
+
+def dist_weights(out: str | Path, update: int, num_stages: int) -> list[dict]:
+    """The per-stage module state dicts of a runtime run's checkpoints of `update`."""
+    store = CheckpointStore(out, [stage_part(k) for k in range(num_stages)])
+    return [store.load(update, stage_part(k))["runner"]["module"] for k in range(num_stages)]
+
+
+DIST_BASE = ["--data.max_chars=60000", "--train.steps=6", "--train.eval_every=3", "--train.eval_batches=2",
+             "--dist.timeout_s=60"]
+
+
+def make_dist_cfg(out: Path, method: str, K: int, *extra: str) -> Config:
+    """A tiny config for runtime tests: 6 updates, validation after 3 and 6, K stages."""
+    return tiny_config(out, *DIST_BASE, f"--pipeline.method={method}", f"--pipeline.num_stages={K}", *extra)
+
+
+def complete_updates(out: Path, K: int) -> list[int]:
+    """The complete checkpoint sets of a K-stage runtime run."""
+    return CheckpointStore(out, [stage_part(k) for k in range(K)]).complete_updates()
+
+
+def run_dist_against_sim(tmp_path, method, K, extra, val_steps):
+    """Train with the simulator and with the dist engine; assert every record (losses, lrs,
+    validation losses at `val_steps`) and the final weights of every stage are equal.
+    Returns (run folder, summary, child pids before the run)."""
+    records, weights = sim_reference(make_dist_cfg(tmp_path / f"sim-{method}-{K}", method, K, *extra))
+    from pipenag.runtime.launch import train_dist
+
+    cfg = make_dist_cfg(tmp_path / "dist", method, K, "--train.engine=dist", *extra)
+    before = children_of(os.getpid())
+    assert train_dist(cfg, start_method="fork") == 0
+    out = Path(cfg.run.out_dir)
+    got = read_metrics(out)
+    assert_same_records(got, records)
+    assert [r["step"] for r in got if "val_loss" in r] == val_steps
+    assert_same_state_dicts(dist_weights(out, cfg.train.steps, K), weights)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["val_loss"] == records[-1]["val_loss"]
+    return out, summary, before
+
+
+def sim_reference(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Train `cfg` with the simulator: (metrics records, final per-stage weights)."""
+    from pipenag.train import train_sim
+
+    summary = train_sim(cfg)
+    assert summary["status"] == "ok"
+    return read_metrics(cfg.run.out_dir), sim_weights(cfg.run.out_dir, cfg.train.steps)
