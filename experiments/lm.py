@@ -34,6 +34,7 @@ CONFIG = "configs/small.toml"
 RUNS = Path("runs")
 DOCS = Path("docs/results")
 
+# The paper's method and its baselines: the README's methods table without 2bw.
 SPEC_METHODS = "gpipe,1f1b,pipedream,pipedream-lr,pipemare,nesterov,nesterov-nows,nesterov-sgd"
 
 # NAdam's momentum warm-up mu_t = beta1 (1 - 0.5 * 0.96^(t psi)) reaches 0.9 beta1 when
@@ -84,7 +85,7 @@ class Part:
 def experiments(budget: int) -> dict[str, list[Part]]:
     psi = round(scaled_momentum_decay(budget), 4)
     return {
-        # (a) every SPEC section 4 method at K = 8 at the config's lr (1e-3), two seeds; and the
+        # (a) every method of SPEC_METHODS at K = 8 at the config's lr (1e-3), two seeds; and the
         # three main methods at lr 3e-3 too (the pilot's best lr for the asynchronous ones).
         # nesterov-sgd (an SGD lr, from (d)) is a separate part so that (d) can run first.
         "a": [Part(f"seed{s}", SPEC_METHODS.replace(",nesterov-sgd", "")

@@ -4,7 +4,7 @@ schedule on convex quadratics with a fixed gradient delay, against the same with
 
     nice -n 10 python experiments/theory.py --steps 20000 --delays 0,1,4,16 --out docs/results
 
-Setting (SPEC section 3, the paper's Eq. 10 and its sublinear-rate result: convex, smooth,
+Setting (Ajanthan et al., ICML 2025, Eq. 10 and its sublinear-rate result: convex, smooth,
 fixed delay tau, deterministic gradients). The objective is f(w) = 0.5 (w - w*)^T A (w - w*),
 f* = 0, L = largest eigenvalue of A = 1, ||w*|| = 1, w_0 = 0. Two problems:
 

@@ -81,15 +81,30 @@ def stage_optimizer(o: OptimConfig, name: str, module: torch.nn.Module, stage_id
                            stage_idx=stage_idx, num_stages=num_stages)
 
 
-def build_pipeline(cfg: Config, vocab_size: int) -> PipelineParts:
-    """Resolve the method, build the model split into stages, and one optimizer per stage."""
+def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "cpu") -> PipelineParts:
+    """Resolve the method, build the model split into stages (on `device`), and one optimizer
+    per stage."""
     resolved = resolve(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
     K = resolved.schedule.num_stages
-    stages = build_stages(model_cfg, K, seed=cfg.train.seed)
+    stages = [stage.to(device) for stage in build_stages(model_cfg, K, seed=cfg.train.seed)]
     optimizers = [stage_optimizer(cfg.optim, resolved.optimizer, stage, k, K) for k, stage in enumerate(stages)]
     lr_fns = [lr_function(cfg, resolved, k) for k in range(K)]
     return PipelineParts(cfg, resolved, model_cfg, stages, optimizers, lr_fns)
+
+
+def memory_report(parts: PipelineParts) -> list[dict]:
+    """Per stage: the weight versions the schedule makes it hold at most (the live one
+    included), its parameter bytes and its optimizer's state bytes (per-parameter tensors)."""
+    schedule = parts.resolved.schedule
+    report = []
+    for k, (stage, opt) in enumerate(zip(parts.stages, parts.optimizers)):
+        state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                    if isinstance(v, torch.Tensor))
+        report.append({"weight_versions": schedule.versions_kept(k),
+                       "param_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
+                       "optimizer_state_bytes": state})
+    return report
 
 
 @torch.no_grad()

@@ -3,9 +3,10 @@
     pipenag train --config configs/tiny.toml --method pipedream --stages 4 --steps 40
     pipenag schedule --name pipedream --stages 4 --microbatches 1
     pipenag compare --methods nesterov,pipedream,gpipe --config configs/tiny.toml --out runs/cmp
+    pipenag sweep --methods gpipe,pipedream,nesterov --stages 1,8 --seeds 1,2,3 --config configs/bench.toml
     pipenag bench optimizer --config configs/small.toml
 
-Every subcommand that builds a model (train, compare, bench) takes --config, the shortcuts of
+Every subcommand that builds a model (train, compare, sweep, bench) takes --config, the shortcuts of
 pipenag.config.SHORTCUTS and `--section.key=value` overrides of the config. Errors a user can
 cause print one line and exit with status 2.
 """
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train several methods on identical data and weights")
     compare.add_argument("--methods", required=True, help="comma-separated method names")
     add_config_arguments(compare, skip=("method",))
+
+    sub.add_parser("sweep", help="methods x stages x seeds x lrs in parallel, with the comparison table "
+                                 "(sweep --help for its options)", add_help=False)
     return parser
 
 
@@ -66,9 +70,13 @@ def schedule_main(name: str, num_stages: int, num_microbatches: int, num_updates
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # bench subcommands own their flags: everything after the bench name goes to them.
+    # bench and sweep own their flags: everything after the name goes to them.
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         return importlib.import_module(BENCHES[argv[1]]).main(argv[2:]) or 0
+    if argv and argv[0] == "sweep":
+        from pipenag.sweep import sweep_main
+
+        return sweep_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:

@@ -200,12 +200,16 @@ class RunConfig:
     """Print progress lines."""
     threads: int = 0
     """torch threads per process (0 = torch's default)."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where the simulator (and each sweep job) computes: "cpu", "cuda", or "auto" (cuda when
+    there is a GPU). The dist engine picks its own (dist.backend: nccl on GPUs, gloo on CPU)."""
     tensorboard: bool = False
     """Also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard (needs the
     `tensorboard` package: pip install 'pipenag[tensorboard]')."""
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "run.threads", self.threads, "must be >= 0")
+        _check_choices(self)
 
 
 @dataclass

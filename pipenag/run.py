@@ -56,7 +56,20 @@ def preflight(cfg: Config):
     partition_layers(cfg.model.n_layer, resolved.schedule.num_stages)
     if cfg.run.tensorboard:
         check_tensorboard()
+    sim_device(cfg)
     return resolved
+
+
+def sim_device(cfg: Config) -> torch.device:
+    """The simulator's device from run.device ("auto": cuda when there is a GPU).
+
+    Raises:
+        ValueError: run.device="cuda" on a machine without CUDA.
+    """
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device='cuda': this torch has no CUDA device (use cpu or auto)")
+    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def set_threads(cfg: Config, processes_per_machine: int) -> int:
@@ -69,12 +82,13 @@ def set_threads(cfg: Config, processes_per_machine: int) -> int:
     return threads
 
 
-def validation_batches(cfg: Config, data) -> list:
-    """The fixed validation microbatches every evaluation of every run uses."""
+def validation_batches(cfg: Config, data, device: torch.device | str = "cpu") -> list:
+    """The fixed validation microbatches every evaluation of every run uses, on `device`."""
     from pipenag.data import fixed_batches
 
-    return fixed_batches(data.val_ids, cfg.model.block_size, cfg.data.microbatch_size,
-                         cfg.train.eval_batches, seed=VAL_SEED)
+    batches = fixed_batches(data.val_ids, cfg.model.block_size, cfg.data.microbatch_size,
+                            cfg.train.eval_batches, seed=VAL_SEED)
+    return [(x.to(device), y.to(device)) for x, y in batches]
 
 
 class Recorder:
@@ -219,6 +233,7 @@ class Recorder:
             "threads": torch.get_num_threads(),
             "data_fingerprint": self.data.fingerprint,
             "num_params": self.parts.num_params,
+            "vocab_size": self.parts.model_cfg.vocab_size,
             **extra,
         }
         summary = strict_json(summary)  # the file's values: null for a loss that is not finite

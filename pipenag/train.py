@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipenag.build import build_pipeline, evaluate
+from pipenag.build import build_pipeline, evaluate, memory_report
 from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.config import Config
 from pipenag.data import build_data
-from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, validation_batches
+from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, sim_device, validation_batches
 
 
 def load_run_config(run_dir: str | Path, extra: Optional[list[str]] = None) -> Config:
@@ -52,18 +52,20 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
             raise ValueError(f"--resume {cfg.run.out_dir!r}: no complete checkpoint there (the run stopped "
                              "before its first checkpoint)")
     set_threads(cfg, resolved.schedule.num_stages)
+    device = sim_device(cfg)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
-    parts = build_pipeline(cfg, data.vocab_size)
+    parts = build_pipeline(cfg, data.vocab_size, device=device)
     sim = parts.simulator()
     rec = Recorder(cfg, parts, data, engine="sim", part=SIM_PART, checkpoint_parts=[SIM_PART])
     if start:
-        sim.load_state_dict(rec.load_checkpoint(start)["sim"])
+        sim.load_state_dict(rec.load_checkpoint(start, map_location=device)["sim"])
     rec.begin(f"data {data.corpus.source} ({len(data.train_ids):,} train tokens, fingerprint {data.fingerprint})")
-    val_batches = validation_batches(cfg, data)
+    val_batches = validation_batches(cfg, data, device)
     M = sim.num_microbatches
     try:
         for update in range(rec.start + 1, cfg.train.steps + 1):
-            loss = sim.step([data.train.get((update - 1) * M + i) for i in range(M)])
+            batch = [data.train.get((update - 1) * M + i) for i in range(M)]
+            loss = sim.step([(x.to(device), y.to(device)) for x, y in batch])
             val = evaluate(parts.stages, val_batches) if rec.is_eval(update) and math.isfinite(loss) else None
             rec.record(update, loss, val)
             if rec.is_checkpoint(update):
@@ -73,7 +75,7 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
         return rec.finish("diverged", rec.last_update)
     finally:
         rec.close()
-    return rec.finish("ok", cfg.train.steps)
+    return rec.finish("ok", cfg.train.steps, memory=memory_report(parts))
 
 
 def train_main(cfg: Optional[Config], resume: Optional[str] = None, extra: Optional[list[str]] = None) -> int:

@@ -1,5 +1,5 @@
 """Schedules as data: every action list is complete, ordered, deadlock free, and realizes the
-weight versions of ../shared/SPEC.md section 2.
+weight versions of docs/schedules.md.
 
     python -m pytest tests/test_schedules.py -q
 """
@@ -145,7 +145,7 @@ def test_timing_simulation_has_no_deadlock(name, K, M):
 
 
 def test_versions_pinned_examples():
-    """A few entries of SPEC section 2, written out by hand."""
+    """A few entries of the version table in docs/schedules.md, written out by hand."""
     pd = Schedule("pipedream", 4, 1)
     assert [pd.forward_version(0, j) for j in range(6)] == [0, 0, 0, 0, 1, 2]
     assert [pd.forward_version(2, j) for j in range(6)] == [0, 0, 1, 2, 3, 4]

@@ -1,9 +1,9 @@
-"""The simulator and StageRunner: the weight versions of ../shared/SPEC.md section 2, bit for bit
+"""The simulator and StageRunner: the weight versions of docs/schedules.md, bit for bit
 against independent single-process references, and checkpoints that resume exactly.
 
     python -m pytest tests/test_sim.py -q
 
-References written here from the SPEC text, never from pipenag.schedules:
+References written here from the table in docs/schedules.md, never from pipenag.schedules:
 - plain training / gradient accumulation on the unsplit GPT (K=1, gpipe, 1f1b);
 - the delayed-update rule on the unsplit GPT, keeping every weight version: stage k's forward
   of microbatch j uses version max(0, j - tau_k) (pipedream) or max(0, j // M - 1) (2bw); with
@@ -51,7 +51,7 @@ def assert_same_weights(params_a: dict, params_b: dict) -> None:
 
 
 def spec_versions(name: str, K: int, M: int, k: int, j: int, stash: bool) -> tuple[int, int]:
-    """(forward version, backward version) of microbatch j at stage k: SPEC section 2's table."""
+    """(forward version, backward version) of microbatch j at stage k (docs/schedules.md)."""
     u = j // M
     if name in ("gpipe", "1f1b"):
         return u, u
@@ -111,7 +111,7 @@ def test_simulator_uses_spec_versions(name, K, M, stash):
     for k in range(K):  # every update changes every stage, so versions are distinguishable
         assert all(not torch.equal(hist[k][v], hist[k][v + 1]) for v in range(num_updates))
 
-    # one F and one B record per (stage, microbatch), with the SPEC's versions
+    # one F and one B record per (stage, microbatch), with the table's versions
     seen = {}
     for r in record:
         assert isinstance(r, Record)

@@ -5,7 +5,7 @@ and checkpoints (drained or with forwards in flight) resume exactly.
     python -m pytest tests/test_stage.py -q
 
 The simulator runs microbatch after microbatch; the runtime runs each stage's action list
-(pipenag.schedules) as soon as inputs arrive. ../shared/SPEC.md section 2 claims both give the
+(pipenag.schedules) as soon as inputs arrive. docs/schedules.md explains why both give the
 same numbers; here the lists run in one process in dependency order (run_action_lists).
 """
 

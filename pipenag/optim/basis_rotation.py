@@ -1,6 +1,8 @@
 """Adam in the eigenbasis of each weight matrix's gradient covariance (basis rotation).
 
-    python -m pytest tests/test_basis_rotation.py -q
+    from pipenag.optim import BasisRotation
+    opt = BasisRotation(model.parameters(), lr=1e-3, refresh_every=10, geometry="bi")
+    pipenag train --method basis-rotation --stages 8      # on the blocks' matrices, AdamW elsewhere
 
 Jung, Shin, Lee, "Basis rotation for asynchronous pipeline parallelism", ICML 2026,
 arXiv 2602.03515. The second moment of Adam is kept in a basis that (approximately)

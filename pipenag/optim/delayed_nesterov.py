@@ -1,6 +1,8 @@
 """The paper's Nesterov update for stale gradients (Eq. 10), as a torch optimizer.
 
-    python -m pytest tests/test_optim.py -q
+    from pipenag.optim import DelayedNesterov
+    opt = DelayedNesterov(model.parameters(), lr=0.1, momentum=0.99, momentum_schedule="constant")
+    pipenag train --method nesterov-sgd --optim.lr=1.0 --optim.weight_decay=1e-5
 
 Ajanthan, Ramasinghe, Zuo, Avraham, Long, "Nesterov Method for Asynchronous Pipeline
 Parallel Optimization", ICML 2025, arXiv 2505.01099. The optimizer is written in the

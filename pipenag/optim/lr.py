@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the step (SPEC 4).
+"""Learning-rate schedules as pure functions of the step (defaults: the README's Methods section).
 
     python -c "from pipenag.optim.lr import warmup_cosine_lr as f; print([round(f(s, 100, 3e-4), 7) for s in (1, 6, 53, 100)])"
 

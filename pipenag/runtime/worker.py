@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ import torch.distributed as dist
 from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
 from pipenag.model import lm_loss
+from pipenag.procs import die_with_parent
 from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, validation_batches
 from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.runtime.executor import Executor
@@ -97,19 +97,10 @@ def _fail(message: str, code: int, peer_stage: Optional[int] = None) -> None:
 
 
 def _die_with_parent() -> None:
-    """Under our launcher: get SIGKILL if the launcher dies (Linux), so no worker outlives it."""
+    """Under our launcher: get SIGKILL if the launcher dies, so no worker outlives it."""
     parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # the launcher died before prctl
-        os._exit(1)
+    if parent:
+        die_with_parent(int(parent))
 
 
 def _fail_hook(stage_idx: int, update: int) -> None:
