@@ -43,13 +43,15 @@ class PipelineParts:
     def simulator(self, record: Optional[list] = None) -> Simulator:
         r = self.resolved
         return Simulator(self.stages, lm_loss, self.optimizers, r.schedule, stash=r.stash, lr_fns=self.lr_fns,
-                         grad_clip=self.cfg.optim.grad_clip, predict=r.predict, record=record)
+                         grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
+                         forward_prediction=r.forward_prediction, record=record)
 
     def runner(self, stage_idx: int, record: Optional[list] = None) -> StageRunner:
         r = self.resolved
         return make_runner(r.schedule, stage_idx, self.stages[stage_idx], self.optimizers[stage_idx],
                            lm_loss, stash=r.stash, lr_fn=self.lr_fns[stage_idx],
-                           grad_clip=self.cfg.optim.grad_clip, predict=r.predict, record=record)
+                           grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
+                           forward_prediction=r.forward_prediction, record=record)
 
     @property
     def num_params(self) -> int:
@@ -101,7 +103,9 @@ def memory_report(parts: PipelineParts) -> list[dict]:
     for k, (stage, opt) in enumerate(zip(parts.stages, parts.optimizers)):
         state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor))
-        report.append({"weight_versions": schedule.versions_kept(k),
+        # Forward weight prediction also reads the version before the forward's.
+        extra = 1 if parts.resolved.forward_prediction and schedule.staleness(k) > 0 else 0
+        report.append({"weight_versions": schedule.versions_kept(k) + extra,
                        "param_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
                        "optimizer_state_bytes": state})
     return report

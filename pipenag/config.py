@@ -50,7 +50,7 @@ def _choices(typ) -> tuple:
 # The names users type. Methods and optimizers are listed here, where the config is checked,
 # and pipenag.methods / pipenag.optim.factory check at import that they define exactly these.
 MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipemare", "nesterov",
-                     "nesterov-nows", "nesterov-sgd"]
+                     "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp"]
 OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon"]
 ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw"]
 
@@ -135,6 +135,9 @@ class OptimConfig:
     delay_lr_anneal: float = -1.0
     """PipeMare delay discount: updates T over which lr / tau^(1 - t/T) anneals to lr;
     < 0 = the method's default (a fifth of the run)."""
+    predict_scale: float = 1.0
+    """Forward weight prediction (pipeline.predict_forward): a stage's forward runs at
+    w + predict_scale * tau * (w - w_prev)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -145,6 +148,7 @@ class OptimConfig:
         _check(0.0 <= self.warmup_fraction < 1.0, "optim.warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.predict_scale > 0, "optim.predict_scale", self.predict_scale, "must be > 0")
 
 
 @dataclass
@@ -160,6 +164,9 @@ class PipelineConfig:
     """Override the method's schedule: gpipe, 1f1b, pipedream, 2bw ("" = the method's)."""
     stash: Literal["", "on", "off"] = ""
     """Override weight stashing: "on", "off" ("" = the method's)."""
+    predict_forward: Literal["", "on", "off"] = ""
+    """Forward weight prediction (SpecTrain-style, any optimizer): each stage's forward runs at
+    its weights extrapolated by their last update over the stage's delay; "" = the method's."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "pipeline.num_stages", self.num_stages, "must be >= 1")

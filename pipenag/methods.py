@@ -8,9 +8,10 @@ config may override the schedule or stashing only where the method still makes s
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
-from pipenag.config import Config
+from pipenag.config import Config, MethodName
 from pipenag.schedules import Schedule, microbatches_per_update
 
 
@@ -24,6 +25,7 @@ class Method:
     predict: bool  # PipeMare's backward weight prediction
     schedules: tuple[str, ...]  # schedules the method may run on
     description: str
+    predict_forward: bool = False  # forward weight prediction (SpecTrain-style)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -45,7 +47,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "the paper's method without stashing: stage momentum 0.9 + 0.09 tau_k/K, delay lr discount"),
     Method("nesterov-sgd", "pipedream", True, "nesterov-sgd", False, False, ("pipedream", "2bw"),
            "Eq. 10 in SGD form (DelayedNesterov): the theory form; optim.discount ablation"),
+    Method("basis-rotation", "pipedream", True, "basis-rotation", False, False, ("pipedream", "2bw"),
+           "Adam in each block matrix's gradient-covariance eigenbasis, AdamW elsewhere (arXiv 2602.03515)"),
+    Method("muon", "pipedream", True, "muon", False, False, ("pipedream", "2bw"),
+           "torch Muon on the blocks' matrices (lr matched to AdamW's RMS), AdamW elsewhere"),
+    Method("pipedream-wp", "pipedream", True, "adamw", False, False, ("pipedream", "2bw"),
+           "pipedream + forward weight prediction w + s tau (w - w_prev) (SpecTrain-style)",
+           predict_forward=True),
+    Method("muon-wp", "pipedream", True, "muon", False, False, ("pipedream", "2bw"),
+           "muon + forward weight prediction", predict_forward=True),
 ]}
+assert set(METHODS) == set(typing.get_args(MethodName)), "pipenag.config.MethodName lists the methods"
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class ResolvedMethod:
     predict: bool
     num_updates: int
     delay_lr_anneal: int
+    forward_prediction: float  # the scale s of forward weight prediction, 0 when off
 
 
 def get_method(name: str) -> Method:
@@ -85,6 +98,10 @@ def resolve(cfg: Config) -> ResolvedMethod:
     if method.predict and stash:
         raise ValueError(f"pipeline.stash='on': method {method.name!r} predicts the backward weights "
                          "and needs stashing off")
+    predict_forward = method.predict_forward if p.predict_forward == "" else p.predict_forward == "on"
+    if predict_forward and method.predict:
+        raise ValueError(f"pipeline.predict_forward='on': method {method.name!r} already predicts the backward "
+                         "weights (PipeMare); the two predictions are exclusive")
     num_microbatches = p.num_microbatches or microbatches_per_update(schedule_name, p.num_stages)
     try:
         schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
@@ -96,7 +113,7 @@ def resolve(cfg: Config) -> ResolvedMethod:
     anneal = cfg.optim.delay_lr_anneal
     anneal = int(anneal) if anneal >= 0 else max(1, cfg.train.steps // 5)
     return ResolvedMethod(method, schedule, stash, optimizer, method.delay_lr, method.predict,
-                          cfg.train.steps, anneal)
+                          cfg.train.steps, anneal, cfg.optim.predict_scale if predict_forward else 0.0)
 
 
 def methods_table() -> str:
@@ -104,6 +121,7 @@ def methods_table() -> str:
     rows = ["| method | schedule | stash | optimizer | delay lr | prediction | what it is |",
             "|---|---|---|---|---|---|---|"]
     for m in METHODS.values():
+        prediction = "backward" if m.predict else "forward" if m.predict_forward else "no"
         rows.append(f"| `{m.name}` | {m.schedule} | {'on' if m.stash else 'off'} | {m.optimizer} | "
-                    f"{'yes' if m.delay_lr else 'no'} | {'yes' if m.predict else 'no'} | {m.description} |")
+                    f"{'yes' if m.delay_lr else 'no'} | {prediction} | {m.description} |")
     return "\n".join(rows)

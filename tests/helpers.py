@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipenag.checkpoint import SIM_PART, CheckpointStore, stage_part
-from pipenag.config import Config, load_config
+from pipenag.config import Config, ModelConfig, load_config
 from pipenag.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +121,32 @@ def sim_reference(cfg: Config) -> tuple[list[dict], list[dict]]:
     summary = train_sim(cfg)
     assert summary["status"] == "ok"
     return read_metrics(cfg.run.out_dir), sim_weights(cfg.run.out_dir, cfg.train.steps)
+
+
+# -- a tiny GPT for the engine-level equivalence tests ------------------------------------------
+
+SEED = 1234
+
+
+def tiny_model_cfg() -> ModelConfig:
+    """4 blocks, width 32, context 16, vocabulary 64."""
+    return ModelConfig(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+
+
+def microbatches(n: int, B: int = 4, T: int = 16, seed: int = 0) -> list:
+    """n random (x, y) token microbatches of tiny_model_cfg's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 64, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g))
+            for _ in range(n)]
+
+
+def stage_params(stages) -> dict:
+    """Whole-model name -> parameter, over all stages."""
+    return {n: p for s in stages for n, p in s.named_model_parameters()}
+
+
+def assert_same_weights(params_a: dict, params_b: dict) -> None:
+    """Two name -> tensor dicts are equal bit for bit."""
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert torch.equal(params_a[name], params_b[name]), name

@@ -56,6 +56,10 @@ CASES = [
     ("2bw", 2, ("--run.tensorboard=true",)),
     ("gpipe", 3, ()),
     ("1f1b", 4, ()),
+    # Forward weight prediction reads two stored versions; checkpoints with forwards in flight.
+    ("pipedream-wp", 3, ("--train.checkpoint_every=2",)),
+    ("muon-wp", 2, ()),
+    ("basis-rotation", 3, ()),
 ]
 
 

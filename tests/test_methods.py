@@ -26,17 +26,22 @@ def cfg_for(method, *extra, stages=4, steps=100):
 
 
 # The methods table of the README, written out here (not read from pipenag.methods): name ->
-# (schedule, stash or None for the synchronous schedules, optimizer, M, delay lr, PipeMare prediction).
+# (schedule, stash or None for the synchronous schedules, optimizer, M, delay lr, PipeMare
+# prediction, forward weight prediction).
 EXPECTED = {
-    "gpipe": ("gpipe", None, "adamw", 4, False, False),
-    "1f1b": ("1f1b", None, "adamw", 4, False, False),
-    "pipedream": ("pipedream", True, "adamw", 1, False, False),
-    "2bw": ("2bw", True, "adamw", 4, False, False),
-    "pipedream-lr": ("pipedream", True, "adamw", 1, True, False),
-    "pipemare": ("pipedream", False, "adamw", 1, True, True),
-    "nesterov": ("pipedream", True, "nesterov", 1, False, False),
-    "nesterov-nows": ("pipedream", False, "nesterov-nows", 1, True, False),
-    "nesterov-sgd": ("pipedream", True, "nesterov-sgd", 1, False, False),
+    "gpipe": ("gpipe", None, "adamw", 4, False, False, False),
+    "1f1b": ("1f1b", None, "adamw", 4, False, False, False),
+    "pipedream": ("pipedream", True, "adamw", 1, False, False, False),
+    "2bw": ("2bw", True, "adamw", 4, False, False, False),
+    "pipedream-lr": ("pipedream", True, "adamw", 1, True, False, False),
+    "pipemare": ("pipedream", False, "adamw", 1, True, True, False),
+    "nesterov": ("pipedream", True, "nesterov", 1, False, False, False),
+    "nesterov-nows": ("pipedream", False, "nesterov-nows", 1, True, False, False),
+    "nesterov-sgd": ("pipedream", True, "nesterov-sgd", 1, False, False, False),
+    "basis-rotation": ("pipedream", True, "basis-rotation", 1, False, False, False),
+    "muon": ("pipedream", True, "muon", 1, False, False, False),
+    "pipedream-wp": ("pipedream", True, "adamw", 1, False, False, True),
+    "muon-wp": ("pipedream", True, "muon", 1, False, False, True),
 }
 
 
@@ -50,12 +55,13 @@ def test_every_method_has_an_expected_row_and_a_config_name():
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_presets_match_the_table(name):
-    schedule, stash, optimizer, M, delay_lr, predict = EXPECTED[name]
+    schedule, stash, optimizer, M, delay_lr, predict, predict_forward = EXPECTED[name]
     r = resolve(cfg_for(name))
     assert (r.schedule.name, r.optimizer, r.schedule.num_microbatches) == (schedule, optimizer, M)
     if stash is not None:  # stashing means nothing for the synchronous schedules
         assert r.stash == stash
     assert (r.delay_lr, r.predict) == (delay_lr, predict)
+    assert r.forward_prediction == (1.0 if predict_forward else 0.0)  # optim.predict_scale's default
     assert (r.schedule.num_stages, r.num_updates) == (4, 100)
 
 
@@ -224,3 +230,12 @@ def test_delay_lr_anneal_override():
 def test_no_delay_discount_without_delay_lr(name):
     parts = build_pipeline(cfg_for(name), vocab_size=32)
     assert [f(10) for f in parts.lr_fns] == [parts.lr_fns[-1](10)] * 4
+
+
+def test_forward_prediction_is_an_option_for_any_method():
+    assert resolve(cfg_for("nesterov", "--pipeline.predict_forward=on", "--optim.predict_scale=0.5")).forward_prediction == 0.5
+    assert resolve(cfg_for("pipedream-wp", "--pipeline.predict_forward=off")).forward_prediction == 0.0
+    with pytest.raises(ValueError, match="pipeline.predict_forward='on'.*pipemare.*exclusive"):
+        resolve(cfg_for("pipemare", "--pipeline.predict_forward=on"))
+    with pytest.raises(ValueError, match="optim.predict_scale=0.0"):
+        cfg_for("pipedream-wp", "--optim.predict_scale=0")

@@ -383,5 +383,52 @@ def test_build_rejects_unknown_names_and_bad_numbers():
                    dict(lr=1e-3, momentum_decay=-1.0), dict(lr=1e-3, momentum_schedule="linear")]:
         for name in OPTIMIZERS:
             stage = dict(stage_idx=0, num_stages=2) if name == "nesterov-nows" else {}
+            params = _stage_module() if name in ("basis-rotation", "muon") else _param()
             with pytest.raises(ValueError):
-                build_optimizer(name, _param(), **kwargs, **stage)
+                build_optimizer(name, params, **kwargs, **stage)
+
+
+def _stage_module(seed: int = 0, dtype=torch.float64):
+    from pipenag.config import ModelConfig
+    from pipenag.split import build_stages
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    return build_stages(cfg, 1, seed=seed)[0].to(dtype)
+
+
+@pytest.mark.parametrize("name", ["basis-rotation", "muon"])
+def test_matrix_optimizers_need_the_module(name):
+    with pytest.raises(ValueError, match=f"optimizer '{name}' splits a stage.*pass the stage module"):
+        build_optimizer(name, _param(), lr=1e-3)
+
+
+def test_build_basis_rotation_is_basis_rotation_on_the_matrices_and_adamw_elsewhere():
+    """The preset == BasisRotation on the blocks' nn.Linear weights and torch AdamW on the rest
+    (embeddings, head, norms, biases), built independently here, over steps whose lr is set
+    through param_groups as the engine does; float64, bit for bit."""
+    from pipenag.optim import BasisRotation
+
+    a, b = _stage_module(), _stage_module()
+    opt = build_optimizer("basis-rotation", a, lr=1e-3, weight_decay=0.01)
+    linear = {n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    hidden = [p for n, p in b.named_parameters() if n.rsplit(".", 1)[0] in linear and n.endswith(".weight")]
+    rest = [p for p in b.parameters() if all(p is not h for h in hidden)]
+    assert len(hidden) == 8  # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+    refs = [BasisRotation(hidden, lr=1e-3, weight_decay=0.01),
+            torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):  # crosses the basis refresh at step 10
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in a.parameters()]
+        for pa, pb, g in zip(a.parameters(), b.parameters(), grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        lr = 1e-3 / (1 + step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for ref in refs:
+            for group in ref.param_groups:
+                group["lr"] = lr
+        opt.step()
+        for ref in refs:
+            ref.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name

@@ -16,38 +16,17 @@ import copy
 import pytest
 import torch
 from torch import nn
+from helpers import SEED, assert_same_weights, microbatches, stage_params
+from helpers import tiny_model_cfg as tiny_cfg
 
-from pipenag.config import ModelConfig
 from pipenag.engine.sim import Simulator
 from pipenag.engine.stage import Record
 from pipenag.model import GPT, lm_loss
 from pipenag.split import build_stages
 
 
-SEED = 1234
 # Block ranges of the tiny GPT's stages, written out (partition_layers(4, K), larger first).
 RANGES = {1: [(0, 4)], 2: [(0, 2), (2, 4)], 3: [(0, 2), (2, 3), (3, 4)], 4: [(0, 1), (1, 2), (2, 3), (3, 4)]}
-
-
-def tiny_cfg() -> ModelConfig:
-    return ModelConfig(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
-
-
-def microbatches(n: int, B: int = 4, T: int = 16, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 64, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g))
-            for _ in range(n)]
-
-
-def stage_params(stages) -> dict:
-    """Whole-model name -> parameter, over all stages."""
-    return {n: p for s in stages for n, p in s.named_model_parameters()}
-
-
-def assert_same_weights(params_a: dict, params_b: dict) -> None:
-    assert params_a.keys() == params_b.keys()
-    for name in params_a:
-        assert torch.equal(params_a[name], params_b[name]), name
 
 
 def spec_versions(name: str, K: int, M: int, k: int, j: int, stash: bool) -> tuple[int, int]:
@@ -296,13 +275,15 @@ def run_stage(m: GPT, k: int, ranges, h):
     return h
 
 
-def reference_delayed(K, M, batches, num_updates, versions, lr=0.3):
+def reference_delayed(K, M, batches, num_updates, versions, lr=0.3, extrapolation=None):
     """Train the unsplit GPT with per-stage torch SGD where microbatch j's forward at stage k
     uses weight version fwd and its backward version bwd, (fwd, bwd) = versions(k, j), keeping
     every version. bwd == fwd: one forward and backward of the whole model with stage k's
     weights at version fwd (a consistent, stale gradient). bwd != fwd (no stashing): forward
     with the old versions, then each stage recomputed from its stored input with the latest
-    weights and backpropagated."""
+    weights and backpropagated. extrapolation[k] = c > 0 (forward weight prediction): stage k's
+    forward weights are w_v + c (w_v - w_{v-1}) instead of w_v (v >= 1), and a consistent
+    backward uses them too."""
     ranges = RANGES[K]
     torch.manual_seed(SEED)
     live = GPT(tiny_cfg())
@@ -324,7 +305,9 @@ def reference_delayed(K, M, batches, num_updates, versions, lr=0.3):
             bwd = [versions(k, j)[1] for k in range(K)]
             with torch.no_grad():
                 for n in names:
-                    work_params[n].copy_(hist[fwd[own[n]]][n])
+                    v, c = fwd[own[n]], (extrapolation or [0.0] * K)[own[n]]
+                    w = hist[v][n]
+                    work_params[n].copy_(w + c * (w - hist[v - 1][n]) if c > 0 and v > 0 else w)
             if fwd == bwd:
                 loss = lm_loss(work(x), y)
                 (loss / M).backward()  # grads accumulate in work
@@ -385,6 +368,27 @@ def test_async_schedules_match_delayed_update_reference(name, K, M, stash):
         assert not torch.equal(sync.wte.weight, ref.wte.weight)
 
 
+@pytest.mark.parametrize("name,K,M,stash,scale", [
+    ("pipedream", 3, 1, True, 1.0), ("pipedream", 3, 1, False, 1.0), ("pipedream", 4, 1, True, 0.5),
+    ("2bw", 2, 2, True, 1.0),
+])
+def test_forward_prediction_matches_delayed_update_reference(name, K, M, stash, scale):
+    """Forward weight prediction: stage k's forward (and, with stashing, its backward) runs at
+    w_v + s tau (w_v - w_{v-1}), tau = K-1-k (pipedream) or 1 (2bw): the reference above with
+    the extrapolated weights, bit for bit; and it changes the run."""
+    num_updates = 6
+    batches = microbatches(num_updates * M, seed=8)
+    versions = lambda k, j: spec_versions(name, K, M, k, j, stash)  # noqa: E731
+    taus = [K - 1 - k if name == "pipedream" else 1 for k in range(K)]
+    ref, ref_losses = reference_delayed(K, M, batches, num_updates, versions,
+                                        extrapolation=[scale * t for t in taus])
+    stages, losses, _ = simulator_run(name, K, M, batches, num_updates, stash, forward_prediction=scale)
+    assert losses == ref_losses
+    assert_same_weights(stage_params(stages), dict(ref.named_parameters()))
+    plain, _, _ = simulator_run(name, K, M, batches, num_updates, stash)
+    assert not torch.equal(plain[0].wte.weight, stages[0].wte.weight)
+
+
 def test_stash_on_and_off_differ():
     batches = microbatches(5, seed=4)
     on, _, _ = simulator_run("pipedream", 2, 1, batches, 5, True)
@@ -405,6 +409,10 @@ def test_simulator_rejects_bad_arguments():
         Simulator(stages, lm_loss, opts, schedule="2bw", num_microbatches=2, stash=False, predict=True)
     with pytest.raises(ValueError, match="unknown schedule"):
         Simulator(stages, lm_loss, opts, schedule="nope")
+    with pytest.raises(ValueError, match="exclusive"):
+        Simulator(stages, lm_loss, opts, stash=False, predict=True, forward_prediction=1.0)
+    with pytest.raises(ValueError, match="forward_prediction=-1"):
+        Simulator(stages, lm_loss, opts, forward_prediction=-1.0)
     sim = Simulator(stages, lm_loss, opts, schedule="gpipe", num_microbatches=2)
     with pytest.raises(ValueError, match="got 1 microbatches"):
         sim.step(microbatches(1))

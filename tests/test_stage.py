@@ -13,13 +13,14 @@ import io
 
 import pytest
 import torch
+from helpers import SEED, assert_same_weights, microbatches, stage_params
+from helpers import tiny_model_cfg as tiny_cfg
 
 from pipenag.engine.sim import Simulator
 from pipenag.engine.stage import StageRunner
 from pipenag.model import lm_loss
 from pipenag.schedules import Schedule
 from pipenag.split import build_stages
-from test_sim import SEED, assert_same_weights, microbatches, stage_params, tiny_cfg
 
 
 
@@ -44,14 +45,14 @@ class CheckingList(list):
             self.max_held[r.stage_idx] = max(self.max_held.get(r.stage_idx, 0), n)
 
 
-def make_sim(name, K, M, stash, predict=False, seed=SEED, record=None, lr_fn=None):
-    """A Simulator on fresh stages (AdamW, grad clip, PipeMare options); its runners also run
-    the action lists in run_action_lists."""
+def make_sim(name, K, M, stash, predict=False, seed=SEED, record=None, lr_fn=None, forward_prediction=0.0):
+    """A Simulator on fresh stages (AdamW, grad clip, PipeMare and forward-prediction options);
+    its runners also run the action lists in run_action_lists."""
     stages = build_stages(tiny_cfg(), K, seed)
     opts = [torch.optim.AdamW(s.parameters(), lr=1e-2, weight_decay=0.01) for s in stages]
     sim = Simulator(stages, lm_loss, opts, schedule=name, stash=stash, num_microbatches=M,
                     lr_fns=None if lr_fn is None else [lr_fn] * K, grad_clip=0.5,
-                    predict=predict, predict_decay=0.8, record=record)
+                    predict=predict, predict_decay=0.8, forward_prediction=forward_prediction, record=record)
     return stages, sim
 
 
@@ -193,16 +194,18 @@ def test_runtime_order_resume_with_start_update(name, K, M, stash, predict):
     assert_same_weights(stage_params(stages_b), stage_params(sim_stages))
 
 
-@pytest.mark.parametrize("name,K,M,stash", [("pipedream", 4, 1, True), ("2bw", 3, 3, True),
-                                             ("2bw", 2, 2, False), ("pipedream", 3, 1, False)])
-def test_runtime_order_resume_mid_flight(name, K, M, stash):
+@pytest.mark.parametrize("name,K,M,stash,fp", [("pipedream", 4, 1, True, 0.0), ("2bw", 3, 3, True, 0.0),
+                                                ("2bw", 2, 2, False, 0.0), ("pipedream", 3, 1, False, 0.0),
+                                                ("pipedream", 4, 1, True, 1.0), ("2bw", 3, 3, True, 1.0)])
+def test_runtime_order_resume_mid_flight(name, K, M, stash, fp):
     """Each stage saves right after its step n1 while later forwards are in flight (no drain),
     as the runtime does with stashing; fresh runners redo those forwards from the stashed
     versions and end bit-identical. Pipedream without stashing holds no old version in this
-    order, so its state_dict refuses (the runtime drains instead)."""
+    order, so its state_dict refuses (the runtime drains instead). fp: forward weight
+    prediction, whose redone forwards also read the version before theirs."""
     n1, n = 3, 7
     batches = microbatches(n * M, seed=8)
-    stages, sim = make_sim(name, K, M, stash)
+    stages, sim = make_sim(name, K, M, stash, forward_prediction=fp)
     saved, refused = {}, []
 
     def capture(rs):
@@ -222,7 +225,7 @@ def test_runtime_order_resume_mid_flight(name, K, M, stash):
         assert sorted(refused) == list(range(K - 1))  # every stage with a delay
         return
     assert not refused
-    stages_b, sim_b = make_sim(name, K, M, stash, seed=SEED + 1)
+    stages_b, sim_b = make_sim(name, K, M, stash, seed=SEED + 1, forward_prediction=fp)
     for k, r in enumerate(sim_b.runners):
         saved[k].seek(0)
         r.load_state_dict(torch.load(saved[k], weights_only=True))
@@ -236,3 +239,49 @@ def test_gpipe_and_1f1b_hold_no_copies():
     _, sim = make_sim("1f1b", 2, 2, True)
     run_action_lists(sim.schedule, sim.runners, microbatches(4), 2)
     assert all(not r.snapshots for r in sim.runners)
+
+
+@pytest.mark.parametrize("name,K,M,stash", [("pipedream", 4, 1, True), ("pipedream", 3, 1, False),
+                                             ("2bw", 3, 3, True)])
+def test_forward_prediction_in_runtime_order(name, K, M, stash):
+    """Forward weight prediction reads two stored versions: in the runtime's order the lists
+    give the simulator's numbers bit for bit, a stage holds at most one version more than the
+    schedule keeps (w_{v-1}), and a run checkpointed after update n1 (drained when stash is
+    off, as the runtime does) and continued by fresh runners ends with the same numbers."""
+    n1, n = 3, 7
+    batches = microbatches(n * M, seed=9)
+    sim_stages, sim = make_sim(name, K, M, stash, forward_prediction=1.0)
+    sim_losses = [sim.step(batches[u * M:(u + 1) * M]) for u in range(n)]
+    schedule = sim.schedule
+
+    def check(rs):
+        for r in rs:
+            assert held_versions(r) <= schedule.versions_kept(r.stage_idx) + 1, (r.stage_idx, r.snapshots.keys())
+
+    _, first = make_sim(name, K, M, stash, forward_prediction=1.0)
+    assert run_action_lists(schedule, first.runners, batches, n1, check=check) == sim_losses[:n1]
+    buf = io.BytesIO()
+    torch.save([r.state_dict() for r in first.runners], buf)
+    buf.seek(0)
+    stages_b, second = make_sim(name, K, M, stash, seed=SEED + 1, forward_prediction=1.0)
+    for r, s in zip(second.runners, torch.load(buf, weights_only=True)):
+        r.load_state_dict(s)
+    rest = run_action_lists(schedule, second.runners, batches, n, start_update=n1, check=check)
+    assert rest == sim_losses[n1:]
+    assert_same_weights(stage_params(stages_b), stage_params(sim_stages))
+
+
+def test_forward_prediction_simulator_state_dict_round_trip():
+    n1, n2 = 3, 4
+    batches = microbatches(n1 + n2, seed=10)
+    stages, sim = make_sim("pipedream", 3, 1, True, forward_prediction=0.5)
+    for u in range(n1):
+        sim.step(batches[u:u + 1])
+    buf = io.BytesIO()
+    torch.save(sim.state_dict(), buf)
+    losses_a = [sim.step(batches[u:u + 1]) for u in range(n1, n1 + n2)]
+    buf.seek(0)
+    stages_b, sim_b = make_sim("pipedream", 3, 1, True, seed=SEED + 1, forward_prediction=0.5)
+    sim_b.load_state_dict(torch.load(buf, weights_only=True))
+    assert [sim_b.step(batches[u:u + 1]) for u in range(n1, n1 + n2)] == losses_a
+    assert_same_weights(stage_params(stages_b), stage_params(stages))

@@ -182,7 +182,7 @@ class Interrupt(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["nesterov", "pipemare", "gpipe"])
+@pytest.mark.parametrize("method", ["nesterov", "pipemare", "gpipe", "basis-rotation", "muon-wp"])
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, method):
     # Stop in update 8 (after the checkpoint of update 6 and the metrics line of update 7):
     # the resumed run must drop line 7, redo it and end with the uninterrupted run's numbers.

@@ -39,6 +39,7 @@ class Simulator:
         grad_clip: per-stage gradient-norm clip (0: off).
         predict: PipeMare weight prediction for the backward (needs stash=False).
         predict_decay: decay of PipeMare's weight-change average.
+        forward_prediction: forward weight prediction's scale s (0: off; StageRunner).
         record: a list that receives a Record for every forward and backward (for tests).
 
     `step(microbatches)` takes M (input, target) pairs, runs them with exactly the weight
@@ -58,6 +59,7 @@ class Simulator:
         grad_clip: float = 0.0,
         predict: bool = False,
         predict_decay: float = 0.9,
+        forward_prediction: float = 0.0,
         record: Optional[list] = None,
     ):
         if len(stages) < 1:
@@ -76,7 +78,8 @@ class Simulator:
         self.runners = [
             make_runner(schedule, k, module, optimizers[k], loss_fn, stash=stash,
                         lr_fn=lr_fns[k] if lr_fns is not None else None, grad_clip=grad_clip,
-                        predict=predict, predict_decay=predict_decay, record=record)
+                        predict=predict, predict_decay=predict_decay, forward_prediction=forward_prediction,
+                        record=record)
             for k, module in enumerate(stages)
         ]
         self.num_updates = 0

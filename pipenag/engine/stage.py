@@ -11,6 +11,15 @@ schedule; the runner keeps exactly the weight versions that later actions still 
 ("stashing" lives here, never in the optimizer). Because both engines run this code with the
 same versions, the same gradients and the same update order, they agree bit for bit.
 
+Forward weight prediction (SpecTrain-style; `forward_prediction` = the scale s > 0): the
+forward of a microbatch at a stage with staleness tau (Schedule.staleness) runs at
+w_v + s * tau * (w_v - w_{v-1}), where v is the version the schedule gives the forward: the
+weights extrapolated by their last update over the delay, so that the gradient is taken near
+the weights it will be applied to. It reads two stored versions, so both engines compute it
+from the same tensors and agree bit for bit; with stashing the backward uses the same
+predicted weights (the graph is kept on them), without it the backward recomputes as usual.
+A stage with prediction holds one more version (w_{v-1}).
+
 Backward modes:
 - the backward uses the forward's weights (stash on, or no update in between): the autograd
   graph of the forward is kept and reused;
@@ -99,6 +108,7 @@ class StageRunner:
             None to leave the optimizer's lr alone.
         grad_clip: clip this stage's gradient norm to this value before each step (0: off).
         predictor: a WeightPredictor for PipeMare's backward, or None.
+        forward_prediction: the scale s of forward weight prediction (0: off).
         record: a list to append a Record per forward and backward to, or None.
     """
 
@@ -113,8 +123,11 @@ class StageRunner:
         lr_fn: Optional[Callable[[int], float]] = None,
         grad_clip: float = 0.0,
         predictor: Optional[WeightPredictor] = None,
+        forward_prediction: float = 0.0,
         record: Optional[list] = None,
     ):
+        if forward_prediction < 0:
+            raise ValueError(f"forward_prediction={forward_prediction}: must be >= 0 (0 = off)")
         self.module = module
         self.optimizer = optimizer
         self.schedule = schedule
@@ -128,6 +141,8 @@ class StageRunner:
         self.lr_fn = lr_fn
         self.grad_clip = grad_clip
         self.predictor = predictor
+        # The extrapolation factor s * tau of forward weight prediction (0: none at this stage).
+        self.extrapolation = forward_prediction * schedule.staleness(stage_idx)
         self.record = record
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
@@ -142,18 +157,25 @@ class StageRunner:
     @property
     def uses_snapshots(self) -> bool:
         """Whether the schedule can make this stage read a version after a step replaced it
-        (asynchronous schedules, all stages but pipedream's last)."""
-        return self.schedule.versions_kept(self.stage_idx) > 1
+        (asynchronous schedules, all stages but pipedream's last; any stage with prediction)."""
+        return self.schedule.versions_kept(self.stage_idx) > 1 or self.extrapolation > 0
+
+    def _oldest_read(self, microbatch: int) -> int:
+        """The oldest version the forward of `microbatch` reads (its own, or the one before it
+        with forward weight prediction)."""
+        v = self.schedule.forward_version(self.stage_idx, microbatch)
+        return v - 1 if self.extrapolation > 0 and v > 0 else v
 
     def _versions_needed(self) -> list[int]:
         """Versions that later actions read: the next forward's (forward versions grow by at
         most one per update, so every version from it on is needed), the version each pending
         graph was built on, and each pending recompute's backward version."""
         s, k = self.schedule, self.stage_idx
-        needed = [s.forward_version(k, self.next_forward)]
+        needed = [self._oldest_read(self.next_forward)]
         for mb, ctx in self.pending.items():
             if ctx.out is not None:
-                needed.append(s.forward_version(k, mb))
+                # (with prediction: the versions a checkpoint's redone forward reads again)
+                needed.append(self._oldest_read(mb))
             else:
                 needed.append(s.backward_version(k, mb, self.stash))
         return needed
@@ -196,12 +218,19 @@ class StageRunner:
         s, k = self.schedule, self.stage_idx
         fwd_v = s.forward_version(k, microbatch)
         bwd_v = s.backward_version(k, microbatch, self.stash)
-        keep_graph = fwd_v == bwd_v and self.predictor is None
+        predicted = self.extrapolation > 0 and fwd_v > 0
+        # With prediction the backward reuses the forward's (predicted) weights only when
+        # stashing: without it, it recomputes at its own version like any stash-off backward.
+        keep_graph = (self.stash if predicted else fwd_v == bwd_v) and self.predictor is None
         # The number of steps done when the backward runs (the stash-off backward version; the
         # action lists and the simulator both realize it). A graph that lives across a step
         # must not be built on the live parameters, which the step changes in place.
         steps_at_backward = s.backward_version(k, microbatch, stash=False)
-        if keep_graph and steps_at_backward > self.version:
+        if predicted:
+            c = self.extrapolation
+            with torch.no_grad():
+                weights = [w + c * (w - p) for w, p in zip(self._weights(fwd_v), self._weights(fwd_v - 1))]
+        elif keep_graph and steps_at_backward > self.version:
             weights = self._frozen(fwd_v)
         else:
             weights = self._weights(fwd_v)
@@ -272,8 +301,9 @@ class StageRunner:
         assert all(ctx.out is None or ctx.used is not None for ctx in self.pending.values()), (
             "a pending graph is built on the live parameters that this step changes")
         # Keep the version being replaced if a later forward reads it: the simulator runs the
-        # forwards of stage k tau_k updates late; in the runtime's order they never are.
-        if self.schedule.forward_version(self.stage_idx, self.next_forward) <= self.version:
+        # forwards of stage k tau_k updates late; in the runtime's order only a forward with
+        # weight prediction does (it reads the version before its own).
+        if self._oldest_read(self.next_forward) <= self.version:
             self._frozen(self.version)
         if self.lr_fn is not None:
             lr = self.lr_fn(update)
@@ -303,7 +333,7 @@ class StageRunner:
                 keeps no old versions): finish the update's action lists (drain) first.
         """
         s, k = self.schedule, self.stage_idx
-        redo_from = s.forward_version(k, self.version * s.num_microbatches)
+        redo_from = self._oldest_read(self.version * s.num_microbatches)
         missing = [v for v in range(redo_from, self.version) if v not in self.snapshots]
         if missing:
             raise RuntimeError(
@@ -333,14 +363,19 @@ class StageRunner:
 
 def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, *,
                 stash: bool = True, lr_fn: Optional[Callable[[int], float]] = None, grad_clip: float = 0.0,
-                predict: bool = False, predict_decay: float = 0.9,
+                predict: bool = False, predict_decay: float = 0.9, forward_prediction: float = 0.0,
                 record: Optional[list] = None) -> StageRunner:
     """The StageRunner of one stage, as both engines build it: `loss_fn` is kept on the last
-    stage only, and `predict` adds PipeMare's WeightPredictor where the stage has a delay.
+    stage only, `predict` adds PipeMare's WeightPredictor (backward) where the stage has a
+    delay, `forward_prediction` > 0 turns on forward weight prediction with that scale.
 
     Raises:
-        ValueError: predict without the pipedream schedule, or predict with stash on.
+        ValueError: predict without the pipedream schedule, predict with stash on, or both
+            kinds of prediction at once.
     """
+    if predict and forward_prediction:
+        raise ValueError(f"predict=True with forward_prediction={forward_prediction}: PipeMare's backward "
+                         "prediction and forward weight prediction are exclusive")
     if predict and schedule.name != "pipedream":
         raise ValueError(f"predict=True (PipeMare weight prediction) needs the pipedream schedule, "
                          f"got {schedule.name!r}")
@@ -352,4 +387,5 @@ def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer
         predictor = WeightPredictor([p.detach() for p in module.parameters()], tau, predict_decay)
     return StageRunner(module, optimizer, schedule, stage_idx, stash=stash,
                        loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
-                       lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor, record=record)
+                       lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor,
+                       forward_prediction=forward_prediction, record=record)
