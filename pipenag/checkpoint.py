@@ -96,6 +96,12 @@ class CheckpointStore:
             if u > update:
                 self.delete(u, part)
 
+    def clean_temporary(self, part: str) -> None:
+        """Delete this part's temporary files: what a process killed while writing left."""
+        if self.folder.is_dir():
+            for path in self.folder.glob(f".u*-{part}.*.tmp"):
+                path.unlink(missing_ok=True)
+
     # -- reading ------------------------------------------------------------------------------
     def updates(self, part: str, with_orphans: bool = False) -> list[int]:
         """Updates for which `part` has a file and a sidecar, ascending (with_orphans: also a

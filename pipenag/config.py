@@ -190,6 +190,11 @@ class TrainConfig:
     """Checkpoint every N updates (0 = only at the end)."""
     log_every: int = 10
     """Progress line every N updates."""
+    resume: Literal["no", "auto"] = "no"
+    """"auto": start from the newest complete checkpoint in run.out_dir if there is one, else
+    from scratch, so that a restarted process (torchrun --max-restarts, dist.max_restarts, a
+    job requeued) continues the run; "no": a fresh run. (`pipenag train --resume DIR` resumes
+    explicitly.)"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
@@ -239,6 +244,9 @@ class DistConfig:
     """A worker that hears nothing from a peer for this long ends the run with an error."""
     master_port: int = 0
     """Port for the local launcher's rendezvous (0 = a free port)."""
+    max_restarts: int = 0
+    """The local launcher restarts the whole group this many times after a worker dies or
+    hangs, each time from the newest complete checkpoint (then fails, naming every failure)."""
     sync_executor: Literal["own", "torch"] = "own"
     """What runs the synchronous schedules (gpipe, 1f1b) in the dist engine: "own" (pipenag's
     executor, as for every schedule) or "torch" (torch.distributed.pipelining's ScheduleGPipe /
@@ -247,6 +255,7 @@ class DistConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _check(0 < self.timeout_s <= 3600, "dist.timeout_s", self.timeout_s, "must be in (0, 3600]")
+        _check(self.max_restarts >= 0, "dist.max_restarts", self.max_restarts, "must be >= 0")
 
 
 @dataclass

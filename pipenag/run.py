@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from pipenag import atomic
+from pipenag import atomic, faults
 from pipenag.checkpoint import CheckpointStore
 from pipenag.config import Config
 from pipenag.metrics import MetricsWriter, Progress, TensorBoardWriter, check_tensorboard, dumps, strict_json
@@ -30,10 +30,57 @@ VAL_SEED = 1234
 """Seed of the fixed validation batches (the same for every run, engine and method)."""
 
 SUMMARY = "summary.json"
+EVENTS = "events.jsonl"
+"""Restarts of a run: the launcher's failures and every resume, one JSON object per line."""
+
+# Sections and train fields that decide a run's numbers: a folder resumed automatically must
+# hold the same run (the others -- engine, threads, logging, timeouts -- change no number here
+# or only the last bits, which pipenag checks separately).
+_SAME_RUN_SECTIONS = ("model", "data", "optim", "pipeline")
+_SAME_RUN_TRAIN = ("steps", "seed", "eval_every", "eval_batches")
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss of an update was NaN or infinite: the run stops."""
+
+
+def log_event(out_dir: str | Path, event: dict) -> None:
+    """Append one event to RUN/events.jsonl (with the wall-clock time)."""
+    path = Path(out_dir) / EVENTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(dumps(dict(event, time=round(time.time(), 3))) + "\n")
+
+
+def read_events(out_dir: str | Path) -> list[dict]:
+    import json
+
+    path = Path(out_dir) / EVENTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_same_run(cfg: Config) -> None:
+    """Raise ValueError when run.out_dir holds another run (its config.json differs in a
+    setting that decides the numbers): train.resume="auto" must not continue it."""
+    import json
+
+    path = Path(cfg.run.out_dir) / "config.json"
+    if not path.is_file():
+        return
+    saved, now = json.loads(path.read_text()), cfg.to_dict()
+    diffs = [f"{s}.{k}" for s in _SAME_RUN_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    diffs += [f"train.{k}" for k in _SAME_RUN_TRAIN if saved.get("train", {}).get(k) != now["train"][k]]
+    if diffs:
+        raise ValueError(f"train.resume='auto': {str(path)!r} is another run ({', '.join(diffs[:4])} differ); "
+                         "use another run.out_dir, or --resume DIR to continue that run with overrides")
+
+
+def resume_mode(cfg: Config, explicit: bool) -> str:
+    """"explicit" (--resume: a checkpoint must exist), "auto" (train.resume: one is used if
+    there is one) or "no"."""
+    return "explicit" if explicit else cfg.train.resume
 
 
 def tokens_per_update(cfg: Config, num_microbatches: int) -> int:
@@ -103,12 +150,14 @@ class Recorder:
         checkpoint_parts: every part of a checkpoint set.
         writes_records: whether this process writes metrics.jsonl, TensorBoard, the progress
             line and summary.json (the simulator; the runtime's last stage).
+        stage_idx: the runtime's stage, None for the simulator (for pipenag.faults).
     """
 
     def __init__(self, cfg: Config, parts, data, *, engine: str, part: str, checkpoint_parts: list[str],
-                 writes_records: bool = True):
+                 writes_records: bool = True, stage_idx: Optional[int] = None):
         self.cfg, self.parts, self.data = cfg, parts, data
         self.engine, self.part, self.writes_records = engine, part, writes_records
+        self.stage_idx = stage_idx
         self.out = Path(cfg.run.out_dir)
         self.num_microbatches = parts.resolved.schedule.num_microbatches
         self.per_update = tokens_per_update(cfg, self.num_microbatches)
@@ -153,14 +202,28 @@ class Recorder:
         self.progress.start_step = update
         return state
 
-    def begin(self, message: str) -> None:
-        """Open the run folder's outputs (a fresh run writes config.json, a resumed one keeps
-        the records up to its start) and print the run's first line."""
+    def begin(self, message: str, mode: str = "no") -> None:
+        """Open the run folder's outputs and print the run's first line. A fresh run writes
+        config.json and drops this part's old checkpoints; a resumed one keeps the records up
+        to its start and logs the resume in events.jsonl.
+
+        Args:
+            message: the engine's words for the first line.
+            mode: resume_mode() of the run ("no" starts a new run: no earlier events are kept).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
+        self.store.clean_temporary(self.part)
+        if not self.start:
+            self.store.discard_after(0, self.part)
         if self.writes_records:
             resume_step = self.start if self.start else None
             if resume_step is None:
                 self.cfg.save(self.out / "config.json")
+                if mode == "no":
+                    for name in (EVENTS, faults.FIRED):
+                        (self.out / name).unlink(missing_ok=True)
+            if self.start or (mode == "auto" and read_events(self.out)):  # a restart, checkpoint or not
+                log_event(self.out, {"event": "resume", "update": self.start, "engine": self.engine})
             self._writers.append(MetricsWriter(self.out, resume_step=resume_step))
             if self.cfg.run.tensorboard:
                 self._writers.append(TensorBoardWriter(self.out, resume_step=resume_step))
@@ -194,8 +257,14 @@ class Recorder:
 
     def save_checkpoint(self, update: int, state: dict) -> None:
         """Save this part's checkpoint of `update` (the fingerprint and clock are added)."""
-        self.store.save(update, self.part, dict(state, update=update, elapsed=self.elapsed(),
-                                                fingerprint=self.data.fingerprint))
+        state = dict(state, update=update, elapsed=self.elapsed(), fingerprint=self.data.fingerprint)
+        faults.during_checkpoint(self.out, self.stage_idx, update, self.store.path(update, self.part), state)
+        self.store.save(update, self.part, state)
+
+    def after_step(self, update: int) -> None:
+        """The engines call this right after the step creating version `update`: the place
+        where pipenag.faults injects a failure."""
+        faults.after_update(self.out, self.stage_idx, update)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0
@@ -234,12 +303,30 @@ class Recorder:
             "data_fingerprint": self.data.fingerprint,
             "num_params": self.parts.num_params,
             "vocab_size": self.parts.model_cfg.vocab_size,
+            "restarts": restarts(read_events(self.out)),
             **extra,
         }
         summary = strict_json(summary)  # the file's values: null for a loss that is not finite
         if self.writes_records:
             atomic.write_text(self.out / SUMMARY, dumps(summary, indent=2) + "\n")
         return summary
+
+
+def restarts(events: list[dict]) -> dict:
+    """summary.json's account of the restarts: how many resumes, and for each the update it
+    resumed from with the failure the launcher saw before it (stage, update, cause), if any."""
+    out, failure = [], None
+    for e in events:
+        if e["event"] == "failure":
+            failure = e
+        elif e["event"] == "resume":
+            entry = {"resumed_from": e["update"]}
+            if failure is not None:
+                entry.update(stage=failure.get("stage"), failed_after_update=failure.get("last_update"),
+                             cause=failure.get("cause"))
+            out.append(entry)
+            failure = None
+    return {"count": len(out), "events": out}
 
 
 def final_line(summary: dict, out_dir: str | Path) -> str:

@@ -23,7 +23,8 @@ from pipenag.build import build_pipeline, evaluate, memory_report
 from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.config import Config
 from pipenag.data import build_data
-from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, sim_device, validation_batches
+from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, final_line, preflight, resume_mode, set_threads,
+                         sim_device, validation_batches)
 
 
 def load_run_config(run_dir: str | Path, extra: Optional[list[str]] = None) -> Config:
@@ -41,14 +42,21 @@ def load_run_config(run_dir: str | Path, extra: Optional[list[str]] = None) -> C
 def train_sim(cfg: Config, resume: bool = False) -> dict:
     """Train with the simulator engine; returns the summary (also written to summary.json).
 
+    Args:
+        cfg: the run's config (train.resume="auto": continue the run in run.out_dir if it has
+            a complete checkpoint).
+        resume: continue from the newest complete checkpoint, which must exist (--resume).
     Raises:
         ValueError: a bad config, or resume without a usable checkpoint (before any training).
     """
     resolved = preflight(cfg)
+    mode = resume_mode(cfg, resume)
+    if mode == "auto":
+        check_same_run(cfg)
     start = 0
-    if resume:
-        start = CheckpointStore(cfg.run.out_dir, [SIM_PART]).newest_verified_set()
-        if start is None:
+    if mode != "no":
+        start = CheckpointStore(cfg.run.out_dir, [SIM_PART]).newest_verified_set() or 0
+        if not start and mode == "explicit":
             raise ValueError(f"--resume {cfg.run.out_dir!r}: no complete checkpoint there (the run stopped "
                              "before its first checkpoint)")
     set_threads(cfg, resolved.schedule.num_stages)
@@ -59,13 +67,15 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
     rec = Recorder(cfg, parts, data, engine="sim", part=SIM_PART, checkpoint_parts=[SIM_PART])
     if start:
         sim.load_state_dict(rec.load_checkpoint(start, map_location=device)["sim"])
-    rec.begin(f"data {data.corpus.source} ({len(data.train_ids):,} train tokens, fingerprint {data.fingerprint})")
+    rec.begin(f"data {data.corpus.source} ({len(data.train_ids):,} train tokens, fingerprint {data.fingerprint})",
+              mode)
     val_batches = validation_batches(cfg, data, device)
     M = sim.num_microbatches
     try:
         for update in range(rec.start + 1, cfg.train.steps + 1):
             batch = [data.train.get((update - 1) * M + i) for i in range(M)]
             loss = sim.step([(x.to(device), y.to(device)) for x, y in batch])
+            rec.after_step(update)
             val = evaluate(parts.stages, val_batches) if rec.is_eval(update) and math.isfinite(loss) else None
             rec.record(update, loss, val)
             if rec.is_checkpoint(update):

@@ -101,7 +101,7 @@ def test_killed_worker_ends_the_run_quickly(tmp_path, monkeypatch, capfd):
     """Stage 1 exits after update 3 (a fresh interpreter per stage: the spawn start method):
     the launcher names it, stops the others long before dist.timeout_s (300 s here), and reaps
     everyone."""
-    monkeypatch.setenv("PIPENAG_DIST_FAIL", "1:3")
+    monkeypatch.setenv("PIPENAG_FAIL", "1:3")
     cfg = make_dist_cfg(tmp_path / "dist", "pipedream", 3, "--train.engine=dist", "--train.steps=8",
                    "--dist.timeout_s=300")
     before = children_of(os.getpid())
@@ -121,7 +121,7 @@ def test_killed_worker_ends_the_run_quickly(tmp_path, monkeypatch, capfd):
 def test_hung_worker_times_out_and_is_named(tmp_path, monkeypatch, capfd):
     """Stage 1 stops answering after update 2: its neighbours give up after dist.timeout_s=3,
     the launcher blames stage 1 (the one still running) and kills it."""
-    monkeypatch.setenv("PIPENAG_DIST_FAIL", "1:2:hang")
+    monkeypatch.setenv("PIPENAG_FAIL", "1:2:hang")
     cfg = make_dist_cfg(tmp_path / "dist", "pipedream", 3, "--train.engine=dist", "--dist.timeout_s=3")
     before = children_of(os.getpid())
     assert train_dist(cfg, start_method="fork") == 1
@@ -144,9 +144,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, method, K):
     assert train_dist(full, start_method="fork") == 0
 
     cfg = make_dist_cfg(tmp_path / "cut", method, K, *extra)
-    monkeypatch.setenv("PIPENAG_DIST_FAIL", "0:6")
+    monkeypatch.setenv("PIPENAG_FAIL", "0:6")
     assert train_dist(cfg, start_method="fork") == 1
-    monkeypatch.delenv("PIPENAG_DIST_FAIL")
+    monkeypatch.delenv("PIPENAG_FAIL")
     out = Path(cfg.run.out_dir)
     assert complete_updates(out, K)[-1] == 4
     # The last stage wrote update 5's record before its gradient let stage 0 reach update 6.

@@ -46,9 +46,9 @@ def test_torch_schedule_resumes_from_its_checkpoints(tmp_path, monkeypatch, resu
     extra = (*TORCH, "--train.checkpoint_every=2")
     records, weights = sim_reference(make_dist_cfg(tmp_path / "sim", "1f1b", 2, *extra))
     cfg = make_dist_cfg(tmp_path / "dist", "1f1b", 2, "--train.engine=dist", *extra)
-    monkeypatch.setenv("PIPENAG_DIST_FAIL", "0:3")
+    monkeypatch.setenv("PIPENAG_FAIL", "0:3")
     assert train_dist(cfg, start_method="fork") == 1
-    monkeypatch.delenv("PIPENAG_DIST_FAIL")
+    monkeypatch.delenv("PIPENAG_FAIL")
     out = Path(cfg.run.out_dir)
     assert complete_updates(out, 2) == [2]
     resumed = load_run_config(out)

@@ -7,7 +7,9 @@ Under torchrun (RANK and WORLD_SIZE are set) this process is a worker. Otherwise
 launcher: it starts pipeline.num_stages workers (`python -m pipenag.runtime.worker`) with the
 variables torchrun would set, watches them, and returns 0 when all finished. When one fails
 (an error, a signal, or a neighbour that stopped answering for dist.timeout_s), the launcher
-names the stage that failed first, kills the others and reaps every child before it returns 1.
+names the stage that failed first, kills the others and reaps every child; then it starts the
+group again from the newest complete checkpoint (dist.max_restarts times at most) or returns 1.
+Under torchrun, `--max-restarts N` with train.resume="auto" does the same.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Callable, Optional, Sequence
 
 from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
-from pipenag.run import preflight
+from pipenag.run import check_same_run, log_event, preflight, resume_mode
 from pipenag.runtime.torch_pipelining import check_supported
-from pipenag.runtime.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_PEER, PARENT_ENV, RESUME_ENV, DistEnv,
-                                 run_worker)
+from pipenag.runtime.worker import (CONFIG_ENV, ERRDIR_ENV, EXIT_DIVERGED, EXIT_PEER, PARENT_ENV, RESUME_ENV,
+                                 DistEnv, run_worker)
 
 POLL_S = 0.05
 SETTLE_S = 0.5  # after the first failure, how long to collect the others before blaming one
@@ -39,7 +41,8 @@ KILL_GRACE_S = 1.0  # SIGTERM, then SIGKILL after this
 
 
 def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = None) -> int:
-    """`pipenag train` with train.engine = "dist"; returns the exit status.
+    """`pipenag train` with train.engine = "dist"; returns the exit status. With
+    dist.max_restarts > 0 a failed group is started again from its newest complete checkpoint.
 
     Args:
         cfg: the run's config.
@@ -57,6 +60,8 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
     K = preflight(cfg).schedule.num_stages
     check_supported(cfg)
     store = CheckpointStore(cfg.run.out_dir, [stage_part(k) for k in range(K)])
+    if resume_mode(cfg, resume) == "auto":
+        check_same_run(cfg)
     if resume and not store.complete_updates():
         raise ValueError(f"--resume {cfg.run.out_dir!r}: no update has a checkpoint from all {K} stages "
                          f"in {store.folder}")
@@ -74,9 +79,48 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
         import pipenag.data.batches  # noqa: F401
         if cfg.dist.sync_executor == "torch":
             import torch.distributed.pipelining  # noqa: F401
-    extra = {CONFIG_ENV: json.dumps(cfg.to_dict()), RESUME_ENV: "1" if resume else "0"}
-    return launch_local("pipenag.runtime.worker", [], K, extra, master_port=cfg.dist.master_port,
-                        prog="pipenag train", start_method=start_method)
+    return _run_with_restarts(cfg, resume, K, store, start_method)
+
+
+def _run_with_restarts(cfg: Config, resume: bool, K: int, store: CheckpointStore, start_method: str) -> int:
+    """Launch the K workers; after a failure (not a diverged loss), launch them again with
+    train.resume="auto" up to dist.max_restarts times. Every failure goes to events.jsonl."""
+    out = Path(cfg.run.out_dir)
+    failures: list[dict] = []
+    for attempt in range(cfg.dist.max_restarts + 1):
+        run_cfg = cfg if attempt == 0 else cfg.with_overrides(["--train.resume=auto"])
+        extra = {CONFIG_ENV: json.dumps(run_cfg.to_dict()), RESUME_ENV: "1" if resume and attempt == 0 else "0"}
+        failure: dict = {}
+        rc = launch_local("pipenag.runtime.worker", [], K, extra, master_port=cfg.dist.master_port,
+                          prog="pipenag train", start_method=start_method, on_failure=failure.update)
+        if rc == 0 or not failure:
+            return rc
+        failure["last_update"] = _last_recorded_update(out)
+        failures.append(failure)
+        log_event(out, {"event": "failure", "attempt": attempt + 1, **failure})
+        if failure["exit_status"] == EXIT_DIVERGED or attempt == cfg.dist.max_restarts:
+            break
+        complete = store.complete_updates()
+        since = f"the checkpoint of update {complete[-1]}" if complete else "the start (no complete checkpoint)"
+        print(f"pipenag train: {failure['cause']} (after update {failure['last_update']}); restarting "
+              f"({attempt + 1} of {cfg.dist.max_restarts}) from {since}", file=sys.stderr, flush=True)
+    message = failures[-1]["cause"]
+    if len(failures) > 1:
+        earlier = "; ".join(f"attempt {i + 1}: {f['cause']}" for i, f in enumerate(failures[:-1]))
+        message += f" (after {len(failures) - 1} restart(s); earlier failures: {earlier})"
+    print(f"pipenag train: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _last_recorded_update(out: Path) -> int:
+    """The last update in the run's metrics.jsonl (0 if none)."""
+    from pipenag.metrics import read_metrics
+
+    try:
+        records = read_metrics(out)
+    except ValueError:  # a line cut short by the kill
+        return 0
+    return records[-1]["step"] if records else 0
 
 
 def free_port() -> int:
@@ -87,7 +131,8 @@ def free_port() -> int:
 
 def launch_local(module: str, args: Sequence[str], num_procs: int, extra_env: dict,
                  master_port: int = 0, prog: str = "pipenag",
-                 describe: Callable[[int], str] = lambda r: f"stage {r}", start_method: str = "spawn") -> int:
+                 describe: Callable[[int], str] = lambda r: f"stage {r}", start_method: str = "spawn",
+                 on_failure: Optional[Callable[[dict], None]] = None) -> int:
     """Run `module.main(args)` in `num_procs` processes, as torchrun would on one machine.
 
     Args:
@@ -102,8 +147,10 @@ def launch_local(module: str, args: Sequence[str], num_procs: int, extra_env: di
             "fork": a fork of this process that calls module.main(args), which skips importing
             torch again (seconds per process). Fork only from a process that has not started
             CUDA or a thread pool; tests and the pipeline benchmark use it on CPU.
+        on_failure: called with the failure (stage: the rank blamed first, exit_status, cause:
+            one line naming it and the others) instead of printing the error line.
     Returns:
-        0 when every process exited with 0, else 1 (after printing which one failed).
+        0 when every process exited with 0, else 1 (after reporting which one failed).
     """
     if start_method not in ("spawn", "fork"):
         raise ValueError(f"start_method={start_method!r}: must be 'spawn' or 'fork'")
@@ -132,7 +179,14 @@ def launch_local(module: str, args: Sequence[str], num_procs: int, extra_env: di
                 full = dict(os.environ, **env)
                 full["PYTHONPATH"] = root + (os.pathsep + full["PYTHONPATH"] if full.get("PYTHONPATH") else "")
                 procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=full))
-        return _supervise(procs, errdir, prog, describe)
+        failure = _supervise(procs, errdir, describe)
+        if failure is None:
+            return 0
+        if on_failure is not None:
+            on_failure(failure)
+        else:
+            print(f"{prog}: error: {failure['cause']}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; stopping the workers", file=sys.stderr, flush=True)
         return 130
@@ -183,11 +237,13 @@ def _on_sigterm_exit():
         return None
 
 
-def _supervise(procs: list, errdir: str, prog: str, describe: Callable[[int], str]) -> int:
+def _supervise(procs: list, errdir: str, describe: Callable[[int], str]) -> Optional[dict]:
+    """Wait until every process ended well (None) or one failed: then the failure (stage
+    blamed first, its exit status, and a line naming it and the others)."""
     while True:
         codes = [p.poll() for p in procs]
         if all(c == 0 for c in codes):
-            return 0
+            return None
         if any(c not in (None, 0) for c in codes):
             break
         time.sleep(POLL_S)
@@ -207,14 +263,13 @@ def _supervise(procs: list, errdir: str, prog: str, describe: Callable[[int], st
 
     failed.sort(key=blame)
     first = failed[0]
-    msg = f"{prog}: error: {_reason(first, codes[first], reports[first], describe)}"
+    msg = _reason(first, codes[first], reports[first], describe)
     others = [describe(r) for r in failed[1:]]
     if others:
         msg += f"; then {', '.join(others)} failed"
     if running:
         msg += f"; stopping {', '.join(describe(r) for r in sorted(running))}"
-    print(msg, file=sys.stderr, flush=True)
-    return 1
+    return {"stage": first, "exit_status": codes[first], "cause": msg}
 
 
 def _report(errdir: str, rank: int) -> dict:

@@ -14,8 +14,9 @@ Exit status: 0 done; 3 a neighbour died or stopped answering; 4 the training los
 non-finite (last stage); 1 any other error. A failing worker prints one line naming its stage
 and leaves with os._exit, so no thread or half-closed connection keeps it alive.
 
-Testing hook: PIPENAG_DIST_FAIL=STAGE:UPDATE makes that stage exit (status 17) right after its
-step creating version UPDATE; PIPENAG_DIST_FAIL=STAGE:UPDATE:hang makes it stop answering.
+Testing hook: PIPENAG_FAIL=STAGE:UPDATE[:KIND] makes that stage fail right after its step
+creating version UPDATE (exit with status 17, SIGKILL itself, hang, or die while writing its
+checkpoint; pipenag.faults).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,14 +37,14 @@ from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
 from pipenag.model import lm_loss
 from pipenag.procs import die_with_parent
-from pipenag.run import NonFiniteLoss, Recorder, final_line, preflight, set_threads, validation_batches
+from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, final_line, preflight, resume_mode, set_threads,
+                         validation_batches)
 from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.runtime.executor import Executor
 from pipenag.runtime.torch_pipelining import check_supported, run_torch_schedule
 
 EXIT_PEER = 3
 EXIT_DIVERGED = 4
-FAIL_ENV = "PIPENAG_DIST_FAIL"
 CONFIG_ENV = "PIPENAG_DIST_CONFIG"
 RESUME_ENV = "PIPENAG_DIST_RESUME"
 ERRDIR_ENV = "PIPENAG_DIST_ERRDIR"
@@ -103,21 +103,6 @@ def _die_with_parent() -> None:
         die_with_parent(int(parent))
 
 
-def _fail_hook(stage_idx: int, update: int) -> None:
-    spec = os.environ.get(FAIL_ENV, "")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if int(parts[0]) != stage_idx or int(parts[1]) != update:
-        return
-    if len(parts) > 2 and parts[2] == "hang":
-        print(f"stage {stage_idx}: {FAIL_ENV}={spec}: hanging after update {update}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
-    print(f"stage {stage_idx}: {FAIL_ENV}={spec}: exiting after update {update}", file=sys.stderr, flush=True)
-    os._exit(17)
-
-
 def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
     """Train stage `env.rank` of the pipeline; returns 0 when done (exits on failure).
 
@@ -134,6 +119,8 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
                          f"so it must equal pipeline.num_stages={K}")
     preflight(cfg)
     check_supported(cfg)
+    if resume_mode(cfg, resume) == "auto":
+        check_same_run(cfg)
     _die_with_parent()
     backend, device = backend_and_device(cfg, env.local_rank)
     set_threads(cfg, env.local_world_size)
@@ -142,7 +129,7 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s),
-                                rank=env.rank, world_size=env.world_size,
+                                rank=env.rank, world_size=env.world_size, store=_restart_store(env, cfg),
                                 device_id=device if device.type == "cuda" else None)
         _train(cfg, resume, k, backend, device)
         dist.destroy_process_group()
@@ -155,6 +142,19 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
             traceback.print_exc()
         _fail(f"stage {k}: {type(e).__name__}: {e}", 1)
     return 0
+
+
+def _restart_store(env: DistEnv, cfg: Config):
+    """Under torchrun after a restart: the agent's store with a prefix of this attempt, else
+    None (the default env:// store). torchrun keeps its store across restarts, and the keys
+    of the previous attempt's groups (the addresses of processes that are gone) would make
+    the new ones connect to dead ports."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    return dist.PrefixStore(f"pipenag/attempt{restart}/", store)
 
 
 class StageTraining:
@@ -176,7 +176,8 @@ class StageTraining:
         self.module = parts.stages[stage_idx].to(device)
         self.runner = parts.runner(stage_idx)
         self.rec = Recorder(cfg, parts, data, engine="dist", part=stage_part(stage_idx),
-                            checkpoint_parts=[stage_part(i) for i in range(K)], writes_records=self.last)
+                            checkpoint_parts=[stage_part(i) for i in range(K)], writes_records=self.last,
+                            stage_idx=stage_idx)
         self.val_batches = validation_batches(cfg, data)
         self._loss_sums: dict[int, float] = {}
 
@@ -194,16 +195,22 @@ class StageTraining:
 
     def after_update(self, update: int, val_loss: Optional[float]) -> None:
         """After the step creating version `update` (and its validation): record, checkpoint."""
-        _fail_hook(self.stage_idx, update)
+        self.rec.after_step(update)
         if self.last:
             self.rec.record(update, self._loss_sums.pop(update - 1) / self.schedule.num_microbatches, val_loss)
         if self.rec.is_checkpoint(update):
             self.rec.save_checkpoint(update, {"stage": self.stage_idx, "num_stages": self.num_stages,
                                               "runner": self.runner.state_dict()})
 
-    def resume(self) -> None:
-        """Load the newest checkpoint set that every stage holds and verifies."""
-        update = _agree_on_resume_update(self.rec.store, self.stage_idx, self.num_stages, self.cfg.run.out_dir)
+    def resume(self, required: bool) -> None:
+        """Load the newest checkpoint set that every stage holds and verifies (none: start
+        from scratch, unless `required`)."""
+        update = _agree_on_resume_update(self.rec.store, self.stage_idx, self.num_stages)
+        if update is None:
+            if required:
+                raise ValueError(f"--resume {self.cfg.run.out_dir!r}: no update has a verified checkpoint from "
+                                 f"all {self.num_stages} stages")
+            return
         self.runner.load_state_dict(self.rec.load_checkpoint(update, map_location=self.device)["runner"])
 
     def finish(self, status: str, updates: int, backend: str, stage_stats: Optional[list]) -> dict:
@@ -221,11 +228,12 @@ def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device
     groups = None if on_torch else make_link_groups(cfg.pipeline.num_stages)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
     st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size), data, k, device)
-    if resume:
-        st.resume()
+    mode = resume_mode(cfg, resume)
+    if mode != "no":
+        st.resume(required=mode == "explicit")
     st.rec.begin(f"dist engine, {st.num_stages} processes, backend {backend}"
                  f"{', torch.distributed.pipelining' if on_torch else ''}; "
-                 f"data {data.corpus.source} ({len(data.train_ids):,} train tokens)")
+                 f"data {data.corpus.source} ({len(data.train_ids):,} train tokens)", mode)
     try:
         stats = run_torch_schedule(st) if on_torch else _run_executor(st, groups, backend).to_dict()
     except NonFiniteLoss:
@@ -266,19 +274,17 @@ def _run_executor(st: StageTraining, groups, backend: str):
     return executor.run()
 
 
-def _agree_on_resume_update(store: CheckpointStore, k: int, K: int, out_dir: str) -> int:
+def _agree_on_resume_update(store: CheckpointStore, k: int, K: int) -> Optional[int]:
     """The newest update with a verified checkpoint from every stage, agreed by all ranks (each
-    may see only its own files when the run folder is not shared between machines)."""
+    may see only its own files when the run folder is not shared between machines); None if
+    there is none. A damaged file costs a one-line warning and falls back to an older set."""
     mine = store.verified_updates(stage_part(k))
     everyone: list = [None] * K
     dist.all_gather_object(everyone, mine)
     common = set(everyone[0])
     for updates in everyone[1:]:
         common &= set(updates)
-    if not common:
-        raise ValueError(f"--resume {out_dir!r}: no update has a checkpoint from all {K} stages "
-                         f"(updates per stage: {everyone})")
-    return max(common)
+    return max(common) if common else None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,285 @@
+"""Faults: restarts from the last complete checkpoint with nothing lost or doubled, checkpoints
+that verify, and the same numbers as an uninterrupted run (and as the simulator).
+
+    python -m pytest tests/test_faults.py -q
+
+Faults come from pipenag.faults (PIPENAG_FAIL=STAGE:UPDATE[:KIND], each fires once per run):
+a SIGKILL at a random update (several seeds), an exit, a hang (the timeout path), a kill while
+writing a checkpoint, two faults in one run; files damaged on disk between attempts. Every
+restarted run must end with the records (losses, lrs, validation losses) and the final weights
+of the uninterrupted run, bit for bit, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import (ROOT, TINY, assert_same_records, assert_same_state_dicts, children_of, dist_weights,
+                     make_dist_cfg, sim_reference, sim_weights, subprocess_env, tiny_config)
+
+from pipenag.checkpoint import SIM_PART, CheckpointStore, stage_part
+from pipenag.engine.sim import Simulator
+from pipenag.faults import FAIL_ENV, parse
+from pipenag.metrics import read_metrics
+from pipenag.runtime.launch import free_port, train_dist
+from pipenag.train import train_sim
+
+K = 3
+STEPS = 12
+RUN = (f"--train.steps={STEPS}", "--train.checkpoint_every=3", "--train.eval_every=4")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's records and final weights (the simulator's: the dist engine
+    equals it bit for bit, tests/test_dist.py)."""
+    return sim_reference(make_dist_cfg(tmp_path_factory.mktemp("ref"), "pipedream", K, *RUN))
+
+
+def run_dist(out: Path, fault: str, monkeypatch, *extra: str, start_method: str = "fork") -> tuple[int, Path]:
+    monkeypatch.setenv(FAIL_ENV, fault)
+    cfg = make_dist_cfg(out, "pipedream", K, "--train.engine=dist", *RUN, *extra)
+    before = children_of(os.getpid())
+    rc = train_dist(cfg, start_method=start_method)
+    assert children_of(os.getpid()) <= before  # every worker reaped, restarts included
+    return rc, out
+
+
+def assert_like_uninterrupted(out: Path, reference) -> dict:
+    records, weights = reference
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each update exactly once
+    assert_same_records(got, records)
+    assert_same_state_dicts(dist_weights(out, STEPS, K), weights)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["val_loss"] == records[-1]["val_loss"]
+    return summary
+
+
+# -- the runtime restarts by itself ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_update_is_survived(tmp_path, monkeypatch, capfd, reference, seed):
+    rng = random.Random(seed)
+    stage, update = rng.randrange(K), rng.randint(1, STEPS - 1)
+    rc, out = run_dist(tmp_path / "run", f"{stage}:{update}:kill", monkeypatch, "--dist.max_restarts=2")
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert f"stage {stage} was killed by SIGKILL" in err and "restarting (1 of 2)" in err
+    summary = assert_like_uninterrupted(out, reference)
+    (event,) = summary["restarts"]["events"]
+    assert summary["restarts"]["count"] == 1 and event["stage"] == stage
+    assert event["resumed_from"] == max(u for u in (0, 3, 6, 9) if u <= update)
+    assert "SIGKILL" in event["cause"] and event["failed_after_update"] <= update + 1
+
+
+@pytest.mark.slow
+def test_killed_while_writing_its_checkpoint(tmp_path, monkeypatch, reference):
+    """Stage 1 dies half-way through its checkpoint of update 6: set 6 is incomplete, the run
+    restarts from set 3, and the half-written temporary file is cleaned up."""
+    rc, out = run_dist(tmp_path / "run", "1:6:checkpoint", monkeypatch, "--dist.max_restarts=1")
+    assert rc == 0
+    summary = assert_like_uninterrupted(out, reference)
+    assert summary["restarts"]["events"][0]["resumed_from"] == 3
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_hung_worker_times_out_and_the_run_goes_on(tmp_path, monkeypatch, reference):
+    rc, out = run_dist(tmp_path / "run", "2:5:hang", monkeypatch, "--dist.max_restarts=1", "--dist.timeout_s=3")
+    assert rc == 0
+    summary = assert_like_uninterrupted(out, reference)
+    (event,) = summary["restarts"]["events"]
+    assert "stage 2 stopped answering" in event["cause"] and event["resumed_from"] == 3
+
+
+@pytest.mark.slow
+def test_two_faults_in_one_run(tmp_path, monkeypatch, reference):
+    rc, out = run_dist(tmp_path / "run", "0:4:kill,2:10:exit", monkeypatch, "--dist.max_restarts=2")
+    assert rc == 0
+    summary = assert_like_uninterrupted(out, reference)
+    assert [e["resumed_from"] for e in summary["restarts"]["events"]] == [3, 9]
+    assert [e["stage"] for e in summary["restarts"]["events"]] == [0, 2]
+
+
+@pytest.mark.slow
+def test_restarts_run_out_and_every_failure_is_named(tmp_path, monkeypatch, capfd):
+    rc, out = run_dist(tmp_path / "run", "1:4:exit,0:5:exit", monkeypatch, "--dist.max_restarts=1")
+    assert rc == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pipenag train: error: stage 0 exited with status 17")
+    assert "after 1 restart(s); earlier failures: attempt 1: stage 1 exited with status 17" in last
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["failure", "resume", "failure"]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_not_restarted(tmp_path, monkeypatch, capfd):
+    rc, out = run_dist(tmp_path / "run", "", monkeypatch, "--dist.max_restarts=2", "--optim.lr=1e30")
+    assert rc == 1
+    err = capfd.readouterr().err
+    assert "restarting" not in err and "non-finite training loss" in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+
+
+# -- damaged checkpoints -----------------------------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["corrupt", "truncate"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_set(tmp_path, monkeypatch, capfd, reference, how):
+    """The run stops after update 8 (sets 3 and 6 complete); stage 1's file of set 6 is then
+    damaged on disk. Resuming warns in one line, uses set 3, and ends like an uninterrupted run."""
+    rc, out = run_dist(tmp_path / "run", "0:8:exit", monkeypatch)
+    assert rc == 1
+    store = CheckpointStore(out, [stage_part(k) for k in range(K)])
+    assert store.complete_updates() == [3, 6]
+    _damage(store.path(6, stage_part(1)), how)
+    capfd.readouterr()
+    monkeypatch.delenv(FAIL_ENV)
+    cfg = make_dist_cfg(out, "pipedream", K, "--train.engine=dist", *RUN, "--train.resume=auto")
+    assert train_dist(cfg, start_method="fork") == 0
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "u00000006-stage1.pt" in warnings[0]
+    assert ("checksum mismatch" if how == "corrupt" else "truncated") in warnings[0]
+    assert "Traceback" not in err
+    summary = assert_like_uninterrupted(out, reference)
+    assert summary["restarts"]["events"][-1]["resumed_from"] == 3
+
+
+# -- the simulator ----------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_simulator_auto_resume_with_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+    """The simulator's checkpoints follow the same rules: stopped in update 8, its newest
+    checkpoint (6) corrupted, train.resume=auto warns, falls back to 3, ends bit-identical."""
+    cfg = tiny_config(tmp_path / "straight", *RUN, "--pipeline.num_stages=3")
+    straight = train_sim(cfg)
+    step = Simulator.step
+
+    def failing_step(self, batch):
+        if self.num_updates == 7:
+            raise Interrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(Simulator, "step", failing_step)
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train_sim(tiny_config(out, *RUN, "--pipeline.num_stages=3"))
+    monkeypatch.setattr(Simulator, "step", step)
+    store = CheckpointStore(out, [SIM_PART])
+    assert store.complete_updates() == [3, 6]
+    _damage(store.path(6, SIM_PART), "corrupt")
+    capsys.readouterr()
+    summary = train_sim(tiny_config(out, *RUN, "--pipeline.num_stages=3", "--train.resume=auto"))
+    assert "checkpoint of update 6 is damaged" in capsys.readouterr().err
+    assert_same_records(read_metrics(out), read_metrics(tmp_path / "straight"))
+    assert summary["val_loss"] == straight["val_loss"] and summary["restarts"]["count"] == 1
+    assert_same_state_dicts(sim_weights(out, STEPS), sim_weights(tmp_path / "straight", STEPS))
+
+
+def test_auto_resume_refuses_another_run(tmp_path):
+    tiny_config(tmp_path, *RUN).save(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"train.resume='auto': .* is another run \(optim.lr differ\)"):
+        train_sim(tiny_config(tmp_path, *RUN, "--optim.lr=1e-4", "--train.resume=auto"))
+
+
+def test_auto_resume_without_a_checkpoint_starts_fresh(tmp_path):
+    summary = train_sim(tiny_config(tmp_path, "--train.steps=3", "--train.resume=auto"))
+    assert summary["status"] == "ok" and summary["restarts"]["count"] == 0
+
+
+# -- the store and the hook -------------------------------------------------------------------
+
+
+def test_store_keeps_the_newest_two_complete_sets_and_newer_partial_ones(tmp_path):
+    parts = ["stage0", "stage1"]
+    store = CheckpointStore(tmp_path, parts)
+    for u in (2, 4, 6):
+        for p in parts:
+            store.save(u, p, {"u": u, "p": p})
+    store.save(8, "stage0", {"u": 8})  # stage 1 has not written 8 yet
+    assert store.complete_updates() == [4, 6]
+    assert store.updates("stage0") == [4, 6, 8] and store.updates("stage1") == [4, 6]
+    assert store.newest_verified_set() == 6
+    assert store.verify(6, "stage1") is None
+    _damage(store.path(6, "stage1"), "corrupt")
+    warned = []
+    assert store.newest_verified_set(warn=warned.append) == 4 and len(warned) == 1
+    (tmp_path / "checkpoints" / ".u00000010-stage0.pt.x1y2.tmp").write_bytes(b"half")
+    store.clean_temporary("stage0")
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    store.discard_after(4, "stage0")
+    assert store.updates("stage0", with_orphans=True) == [4]
+
+
+def test_fault_specs_are_checked():
+    assert [str(f) for f in parse("1:7:kill, 0:3")] == ["1:7:kill", "0:3:exit"]
+    for bad in ("1", "a:3", "1:3:explode", "1:2:kill:x"):
+        with pytest.raises(ValueError, match=FAIL_ENV):
+            parse(bad)
+
+
+# -- torchrun and the thread rule ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_with_auto_resume(tmp_path, reference):
+    """`torchrun --max-restarts 1 ... --train.resume=auto`: torchrun restarts every worker after
+    stage 1 exits, they pick the run up from its checkpoint, and the numbers are unchanged."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(K), "--max-restarts", "1",
+           "--master-port", str(free_port()), "-m", "pipenag", "train", "--config", TINY, "--method", "pipedream",
+           "--stages", str(K), "--engine", "dist", "--out", str(out), "--data.max_chars=60000",
+           "--train.eval_batches=2", "--run.threads=1", "--run.progress=false", "--train.resume=auto", *RUN]
+    proc = subprocess.run(cmd, env=subprocess_env(**{FAIL_ENV: "1:7:exit"}), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = assert_like_uninterrupted(out, reference)
+    assert [e["resumed_from"] for e in summary["restarts"]["events"]] == [6]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 4])
+def test_default_threads_give_the_same_numbers_in_both_engines(tmp_path, stages):
+    """run.threads=0 (the default) and no OMP_NUM_THREADS: the simulator uses the threads a
+    worker of the same run would (cores // processes per machine), so `pipenag train` with
+    either engine gives the same numbers bit for bit without anyone setting a thread count.
+    Both run as users run them (fresh processes: a fork of a process whose thread pool has
+    started is not safe)."""
+    env = subprocess_env()
+    env.pop("OMP_NUM_THREADS")
+    common = ["-m", "pipenag", "train", "--config", TINY, "--method", "nesterov", "--stages", str(stages),
+              "--data.max_chars=60000", "--train.steps=8", "--train.checkpoint_every=4", "--train.eval_every=4",
+              "--train.eval_batches=2", "--run.progress=false"]
+    for engine in ("sim", "dist"):
+        res = subprocess.run([sys.executable, *common, "--engine", engine, "--out", str(tmp_path / engine)],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_records(read_metrics(tmp_path / "dist"), read_metrics(tmp_path / "sim"))
+    assert_same_state_dicts(dist_weights(tmp_path / "dist", 8, stages), sim_weights(tmp_path / "sim", 8))
+    threads = json.loads((tmp_path / "sim" / "summary.json").read_text())["threads"]
+    assert threads == max(1, (os.cpu_count() or 1) // stages)
