@@ -18,6 +18,7 @@ list of their own ("pipemare@8/32"); --grid section.key=v1,v2 adds a config axis
   seed (at the smallest K) and only their simulated time is recomputed per K.
 - --tune-lr: each (method, K) first trains on --tune-seed (not a reported seed) at every lr of
   --lrs; the lr with the lowest final validation loss is then used for the reported seeds.
+  With --tune-stages K the tuning runs at that K only and its lr serves every K of the method.
 - Every asynchronous method also runs at K = 1 with the lr of each of its K (plain training
   at the microbatch batch size, no delay), for the delay penalty: loss at K - loss at K = 1.
 - Run threads: run.threads (default 1 here), the same in serial and parallel sweeps, so --jobs
@@ -83,6 +84,7 @@ class Sweep:
     grid: list[tuple[str, ...]] = field(default_factory=lambda: [()])
     tune_lr: bool = False
     tune_seed: int = 0
+    tune_stages: int = 0  # > 0: tune each method's lr at this K only and use it at every K
     out: Path = Path("runs/sweep")
     sync: dict[str, bool] = field(default_factory=dict)  # variant label -> synchronous schedule
 
@@ -148,7 +150,13 @@ def tuning_runs(sweep: Sweep) -> list[RunSpec]:
     if not sweep.tune_lr:
         return []
     return [RunSpec(v, k, sweep.tune_seed, lr, g, tuning=True)
-            for v in sweep.variants for k in _run_stages(sweep, v) for g in sweep.grid for lr in sweep.lrs]
+            for v in sweep.variants for k in sorted({_tuned_at(sweep, v, k) for k in _run_stages(sweep, v)})
+            for g in sweep.grid for lr in sweep.lrs]
+
+
+def _tuned_at(sweep: Sweep, variant: Variant, k: int) -> int:
+    """The K whose tuning runs choose the lr of (variant, k): k itself, or --tune-stages."""
+    return sweep.tune_stages if sweep.tune_stages and not sweep.is_sync(variant) else k
 
 
 def _run_stages(sweep: Sweep, variant: Variant) -> list[int]:
@@ -171,7 +179,7 @@ def chosen_lrs(sweep: Sweep, done: dict[str, dict]) -> dict[tuple, float]:
                     continue
                 scores = []
                 for lr in sweep.lrs:
-                    s = done.get(RunSpec(v, k, sweep.tune_seed, lr, g, tuning=True).key)
+                    s = done.get(RunSpec(v, _tuned_at(sweep, v, k), sweep.tune_seed, lr, g, tuning=True).key)
                     loss = s.get("val_loss") if s else None
                     scores.append((loss if loss is not None and math.isfinite(loss) else math.inf, lr))
                 chosen[(v.label, k, g)] = min(scores)[1]
@@ -304,9 +312,10 @@ def build_sweep(args: argparse.Namespace, cfg: Config) -> Sweep:
     if cfg.run.threads == 0:  # the same threads whatever --jobs, so --jobs changes no number
         cfg = cfg.with_overrides(["--run.threads=1"])
     sweep = Sweep(cfg, variants, {v.label: own.get(v.label, stages) for v in variants}, seeds,
-                  lrs, parse_grid(args.grid or []), args.tune_lr, args.tune_seed, Path(args.out))
+                  lrs, parse_grid(args.grid or []), args.tune_lr, args.tune_seed, tune_stages=args.tune_stages,
+                  out=Path(args.out))
     for v in variants:
-        for k in sweep.stages[v.label]:
+        for k in sweep.stages[v.label] + ([args.tune_stages] if args.tune_stages else []):
             for g in sweep.grid:
                 preflight(sweep.run_config(RunSpec(v, k, seeds[0], lrs[0], g)))  # raises on anything impossible
     return sweep
@@ -383,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune-lr", action="store_true",
                         help="pick each (method, K)'s lr from --lrs on --tune-seed, then report --seeds at it")
     parser.add_argument("--tune-seed", type=int, default=0, help="the lr-tuning seed (default 0)")
+    parser.add_argument("--tune-stages", type=int, default=0, metavar="K",
+                        help="tune each method's lr at this K only and use it at every K (one lr per method, "
+                             "so the K = 1 control has the lr of every K); default: tune every (method, K)")
     parser.add_argument("--grid", action="append", metavar="SECTION.KEY=V1,V2",
                         help="a config axis to sweep (repeatable)")
     parser.add_argument("--target", type=float,

@@ -167,6 +167,17 @@ def test_report_numbers_recomputed_by_hand(serial, tmp_path):
     assert rows[("gpipe", 2)]["time_ratio"] == 1.0 and rows[("gpipe", 2)].get("delay_penalty") is None
 
 
+@pytest.mark.slow
+def test_tune_stages_tunes_once_per_method(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert cli_main([*ARGS, "--tune-stages", "2", "--jobs", "1", "--out", str(out)]) == 0
+    runs = read_runs(out)
+    tuning = {(m, k) for (m, k, _, _, t) in runs if t == "True"}
+    assert tuning == {("gpipe", "1"), ("pipedream", "2")}  # one tuning K per method
+    chosen = {(m, k): lr for (m, k, _, lr, t), r in runs.items() if t == "False" and r["chosen_lr"] == "True"}
+    assert chosen[("pipedream", "1")] == chosen[("pipedream", "2")]  # the K = 1 control shares the lr
+
+
 def test_crossing_interpolates_and_reports_not_reached():
     evals = [{"tokens": 0, "val_loss": 5.0, "sim_time": 0.0}, {"tokens": 100, "val_loss": 3.0, "sim_time": 10.0},
              {"tokens": 200, "val_loss": 2.0, "sim_time": 30.0}]
