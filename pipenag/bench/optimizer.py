@@ -5,7 +5,7 @@
 
 The stage is built as `pipenag train` builds it (the config's model split into
 pipeline.num_stages stages; --stage picks which, default the middle one), and every optimizer
-gets its own copy of that stage's parameters. Each is built by name with the config's [optim]
+gets its own copy of that stage's parameters (on run.device). Each is built by name with the config's [optim]
 settings (build_optimizer, as the methods use them) or is one of the torch references below.
 The optimizers take turns inside each round, in an order that rotates each round, so that
 drifts of a shared machine hit all alike; before every step, untimed, the gradients are reset
@@ -32,6 +32,7 @@ from pipenag.bench import bench_config, bench_parser, machine_info, machine_line
 from pipenag.build import stage_optimizer
 from pipenag.config import Config
 from pipenag.optim import OPTIMIZERS, DelayedNesterov
+from pipenag.run import sim_device
 from pipenag.split import build_stages
 
 # Torch references beside the named optimizers: name -> (description, factory(params, cfg)).
@@ -63,9 +64,11 @@ def bench_stage(cfg: Config, stage_idx: int, names: list[str], repeats: int, war
     """Median step time and state bytes of each optimizer on one stage; see the module docstring."""
     cfg_model = copy.deepcopy(cfg.model)
     cfg_model.vocab_size = cfg_model.vocab_size or 256
-    stage = build_stages(cfg_model, cfg.pipeline.num_stages, seed=cfg.train.seed)[stage_idx]
+    device = sim_device(cfg)
+    stage = build_stages(cfg_model, cfg.pipeline.num_stages, seed=cfg.train.seed)[stage_idx].to(device)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in stage.parameters()]
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in stage.parameters()]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {}
     for name in names:
         module = copy.deepcopy(stage)
@@ -81,8 +84,10 @@ def bench_stage(cfg: Config, stage_idx: int, names: list[str], repeats: int, war
             with torch.no_grad():
                 for p, g in zip(module.parameters(), grads):
                     p.grad.copy_(g)
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
