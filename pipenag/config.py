@@ -211,7 +211,9 @@ class RunConfig:
     progress: bool = True
     """Print progress lines."""
     threads: int = 0
-    """torch threads per process (0 = torch's default)."""
+    """torch intra-op threads per process; 0 = the cores divided by the processes a run puts on
+    this machine (pipeline.num_stages for the simulator, the local world for the runtime), so
+    that both engines reduce in the same order and agree bit for bit."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where the simulator (and each sweep job) computes: "cpu", "cuda", or "auto" (cuda when
     there is a GPU). The dist engine picks its own (dist.backend: nccl on GPUs, gloo on CPU)."""
