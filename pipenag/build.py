@@ -20,7 +20,7 @@ from pipenag.config import Config, ModelConfig, OptimConfig
 from pipenag.engine.sim import Simulator
 from pipenag.engine.stage import StageRunner, make_runner
 from pipenag.methods import ResolvedMethod, resolve
-from pipenag.model import lm_loss
+from pipenag.model import lm_loss, set_unigram_bias
 from pipenag.optim import build_optimizer, delay_discount_lr, warmup_cosine_lr
 from pipenag.split import build_stages
 
@@ -83,13 +83,29 @@ def stage_optimizer(o: OptimConfig, name: str, module: torch.nn.Module, stage_id
                            stage_idx=stage_idx, num_stages=num_stages)
 
 
-def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "cpu") -> PipelineParts:
+def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "cpu",
+                   train_ids: Optional[torch.Tensor] = None) -> PipelineParts:
     """Resolve the method, build the model split into stages (on `device`), and one optimizer
-    per stage."""
+    per stage.
+
+    Args:
+        cfg: the run's config.
+        vocab_size: the tokenizer's (used when model.vocab_size is 0).
+        device: where the stages live.
+        train_ids: the training tokens; needed with model.unigram_head (the head's bias starts
+            at their log unigram distribution).
+    Raises:
+        ValueError: model.unigram_head without train_ids, or anything resolve() rejects.
+    """
     resolved = resolve(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
     K = resolved.schedule.num_stages
-    stages = [stage.to(device) for stage in build_stages(model_cfg, K, seed=cfg.train.seed)]
+    stages = build_stages(model_cfg, K, seed=cfg.train.seed)
+    if model_cfg.unigram_head:
+        if train_ids is None:
+            raise ValueError("model.unigram_head=true: build_pipeline needs the training tokens (train_ids)")
+        set_unigram_bias(stages[-1].lm_head, train_ids)
+    stages = [stage.to(device) for stage in stages]
     optimizers = [stage_optimizer(cfg.optim, resolved.optimizer, stage, k, K) for k, stage in enumerate(stages)]
     lr_fns = [lr_function(cfg, resolved, k) for k in range(K)]
     return PipelineParts(cfg, resolved, model_cfg, stages, optimizers, lr_fns)

@@ -71,6 +71,13 @@ class ModelConfig:
     """Dropout probability (0 keeps runs deterministic and simulator == runtime)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers."""
+    unigram_head: bool = False
+    """Give lm_head a bias, set at build time to the centered log unigram distribution of the
+    training tokens (add-one smoothed), so that training starts at the unigram loss instead of
+    log(vocab_size). Without it the blocks learn the unigram by writing a large constant into
+    the residual stream; under stale gradients (deep asynchronous pipelines) that constant
+    overshoots and swamps the token signal, and runs sit on a plateau near the unigram loss
+    (docs/results/convergence.md)."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):

@@ -112,7 +112,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.unigram_head)
 
         # nanoGPT init: N(0, 0.02) everywhere, zero biases, LayerNorm at (1, 0), and the two
         # projections that write into the residual stream scaled down by 1/sqrt(2 n_layer)
@@ -146,6 +146,21 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+@torch.no_grad()
+def set_unigram_bias(lm_head: nn.Linear, ids: torch.Tensor) -> None:
+    """Set lm_head.bias to the centered log of the add-one smoothed unigram distribution of
+    the token ids `ids` (1-D), so that the untrained model predicts the unigram distribution.
+
+    Raises:
+        ValueError: lm_head has no bias (model.unigram_head is off).
+    """
+    if lm_head.bias is None:
+        raise ValueError("set_unigram_bias: lm_head has no bias (set model.unigram_head = true)")
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=lm_head.out_features)[: lm_head.out_features]
+    logp = (counts.double() + 1.0).log()
+    lm_head.bias.copy_((logp - logp.mean()).to(lm_head.bias.dtype))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

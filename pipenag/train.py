@@ -62,7 +62,7 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
     set_threads(cfg, resolved.schedule.num_stages)
     device = sim_device(cfg)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
-    parts = build_pipeline(cfg, data.vocab_size, device=device)
+    parts = build_pipeline(cfg, data.vocab_size, device=device, train_ids=data.train_ids)
     sim = parts.simulator()
     rec = Recorder(cfg, parts, data, engine="sim", part=SIM_PART, checkpoint_parts=[SIM_PART])
     if start:

@@ -244,3 +244,33 @@ def test_num_params_formula(bias):
     assert model.num_params(non_embedding=True) == expected - V * C - Tb * C
     stages = split_gpt(model, 3)
     assert sum(p.numel() for s in stages for p in s.parameters()) == expected
+
+
+def test_unigram_head_starts_at_the_unigram_loss():
+    """model.unigram_head: lm_head gets a bias set to the log unigram of the training tokens,
+    so the untrained model's loss is close to the unigram entropy (not log V); off by default."""
+    from pipenag.build import build_pipeline
+    from pipenag.config import Config
+    from pipenag.model import set_unigram_bias
+
+    assert GPT(tiny_cfg()).lm_head.bias is None
+    with pytest.raises(ValueError, match="unigram_head"):
+        set_unigram_bias(GPT(tiny_cfg()).lm_head, torch.zeros(5, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(64, generator=g), 0)
+    ids = torch.multinomial(p, 20000, replacement=True, generator=g)
+    cfg = Config()
+    cfg.model = tiny_cfg(vocab_size=0, unigram_head=True)
+    cfg.pipeline.num_stages = 2
+    with pytest.raises(ValueError, match="train_ids"):
+        build_pipeline(cfg, 64)
+    stages = build_pipeline(cfg, 64, train_ids=ids).stages
+    x, y = ids[:-1][:16 * 8].view(8, 16), ids[1:][:16 * 8].view(8, 16)
+    with torch.no_grad():
+        h = x
+        for s in stages:
+            h = s(h)
+        loss = float(lm_loss(h, y))
+    counts = torch.bincount(ids, minlength=64).double() / ids.numel()
+    entropy = float(-(counts[counts > 0] * counts[counts > 0].log()).sum())
+    assert abs(loss - entropy) < 0.15 and loss < math.log(64) - 0.5

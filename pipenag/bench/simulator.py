@@ -80,7 +80,9 @@ def vocab_size(cfg: Config) -> int:
 
 
 def pipeline_parts(cfg: Config, method: str, args: argparse.Namespace) -> PipelineParts:
-    return build_pipeline(method_config(cfg, method, args), vocab_size=vocab_size(cfg))
+    # The random tokens stand in for the training data (model.unigram_head reads them).
+    ids = torch.cat([x.reshape(-1) for x, _ in batches(cfg, 4)])
+    return build_pipeline(method_config(cfg, method, args), vocab_size=vocab_size(cfg), train_ids=ids)
 
 
 def batches(cfg: Config, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

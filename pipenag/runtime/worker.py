@@ -227,7 +227,7 @@ def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device
     on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b
     groups = None if on_torch else make_link_groups(cfg.pipeline.num_stages)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
-    st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size), data, k, device)
+    st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size, train_ids=data.train_ids), data, k, device)
     mode = resume_mode(cfg, resume)
     if mode != "no":
         st.resume(required=mode == "explicit")
