@@ -337,10 +337,13 @@ def sweep_main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.report_from:
         out = Path(args.out or "runs/sweep")
-        if not (Path(args.report_from) / "runs.csv").is_file():
-            print(f"pipenag sweep: error: --report-from {args.report_from!r}: no runs.csv there", file=sys.stderr)
+        folders = [Path(f) for f in args.report_from.split(",") if f]
+        missing = [str(f) for f in folders if not (f / "runs.csv").is_file()]
+        if missing or not folders:
+            print(f"pipenag sweep: error: --report-from {args.report_from!r}: no runs.csv in {', '.join(missing)}",
+                  file=sys.stderr)
             return 2
-        report_from_data(Path(args.report_from), out, args.target)
+        report_from_data(folders, out, args.target)
         print((out / "summary.md").read_text())
         return 0
     if not args.methods:
@@ -403,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=0,
                         help="runs in parallel (default: the CPU cores; with run.device=cuda the GPUs)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from finished runs")
-    parser.add_argument("--report-from", metavar="DIR",
-                        help="train nothing: the tables and plots of the data files (runs.csv, curves.csv) in DIR")
+    parser.add_argument("--report-from", metavar="DIR[,DIR...]",
+                        help="train nothing: the tables and plots of the data files (runs.csv, curves.csv) in DIR "
+                             "(several sweeps' together when comma-separated)")
     return parser

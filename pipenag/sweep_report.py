@@ -81,7 +81,9 @@ def collect_runs(sweep, specs, done: dict[str, dict], chosen: dict[tuple, float]
                                               if memory else None),
                 "wall_time_s": summary.get("wall_time_s"),
                 "evals": [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"],
-                           "sim_time": done_at[r["step"] - 1]} for r in evals],
+                           # rounded as curves.csv stores it, so the report of the data files
+                           # is the report of the sweep
+                           "sim_time": round(done_at[r["step"] - 1], 3)} for r in evals],
             })
     return records
 
@@ -109,7 +111,7 @@ def write_data(records: list[dict], out: Path) -> None:
             for e in r["evals"]:
                 w.writerow({"method": r["method"], "stages": r["stages"], "seed": r["seed"], "lr": r["lr"],
                             "grid": r["grid"], "step": e["step"], "tokens": e["tokens"],
-                            "val_loss": e["val_loss"], "sim_time": round(e["sim_time"], 3)})
+                            "val_loss": e["val_loss"], "sim_time": e["sim_time"]})
 
 
 def read_data(folder: Path) -> list[dict]:
@@ -320,10 +322,14 @@ def report_from_records(records: list[dict], chosen: dict[tuple, float], out: Pa
     return rows
 
 
-def report_from_data(folder: Path, out: Path, target: Optional[float] = None, header: str = "") -> list[dict]:
-    """The report of data files (runs.csv, curves.csv) alone: each (method, K, grid) row
-    takes the lr its runs are marked with (chosen_lr)."""
-    records = read_data(folder)
+def report_from_data(folders: Path | list[Path], out: Path, target: Optional[float] = None,
+                     header: str = "") -> list[dict]:
+    """The report of data files (runs.csv, curves.csv) alone, of one sweep or of several
+    (their runs together): each (method, K, grid) row takes the lr its runs are marked with
+    (chosen_lr)."""
+    folders = [folders] if isinstance(folders, Path) else list(folders)
+    records = [r for folder in folders for r in read_data(folder)]
+    folder = ", ".join(str(f) for f in folders)
     chosen = {(r["method"], r["stages"], r["grid"]): r["lr"] for r in records if r["chosen_lr"]}
     out.mkdir(parents=True, exist_ok=True)
     return report_from_records(records, chosen, out, target, header=header or f"# pipenag sweep: {folder}")

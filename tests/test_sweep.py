@@ -178,6 +178,21 @@ def test_tune_stages_tunes_once_per_method(tmp_path, capsys):
     assert chosen[("pipedream", "1")] == chosen[("pipedream", "2")]  # the K = 1 control shares the lr
 
 
+@pytest.mark.slow
+def test_report_of_two_sweeps_together(serial, tmp_path):
+    """Data files split by method into two folders, reported together (--report-from A,B),
+    give the table of the whole sweep."""
+    for name, keep in (("a", "gpipe"), ("b", "pipedream")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for data in ("runs.csv", "curves.csv"):
+            lines = (serial / data).read_text().splitlines()
+            folder.joinpath(data).write_text("\n".join([lines[0]] + [x for x in lines[1:] if x.startswith(keep + ",")]) + "\n")
+    out = tmp_path / "together"
+    assert cli_main(["sweep", "--report-from", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(out)]) == 0
+    assert (out / "summary.csv").read_text() == (serial / "summary.csv").read_text()
+
+
 def test_crossing_interpolates_and_reports_not_reached():
     evals = [{"tokens": 0, "val_loss": 5.0, "sim_time": 0.0}, {"tokens": 100, "val_loss": 3.0, "sim_time": 10.0},
              {"tokens": 200, "val_loss": 2.0, "sim_time": 30.0}]
