@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -150,3 +151,27 @@ def assert_same_weights(params_a: dict, params_b: dict) -> None:
     assert params_a.keys() == params_b.keys()
     for name in params_a:
         assert torch.equal(params_a[name], params_b[name]), name
+
+
+class Interrupt(Exception):
+    """Raised by simulator_stopped_at: a crash in the middle of a run."""
+
+
+@contextlib.contextmanager
+def simulator_stopped_at(monkeypatch, num_updates: int):
+    """Inside the block, Simulator.step raises Interrupt when `num_updates` updates are done
+    (the run stops during update num_updates + 1, after its checkpoints and records so far)."""
+    from pipenag.engine.sim import Simulator
+
+    step = Simulator.step
+
+    def failing_step(self, batch):
+        if self.num_updates == num_updates:
+            raise Interrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(Simulator, "step", failing_step)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Simulator, "step", step)

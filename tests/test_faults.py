@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from helpers import (ROOT, TINY, assert_same_records, assert_same_state_dicts, children_of, dist_weights,
-                     make_dist_cfg, sim_reference, sim_weights, subprocess_env, tiny_config)
+                     Interrupt, make_dist_cfg, sim_reference, sim_weights, simulator_stopped_at, subprocess_env,
+                     tiny_config)
 
 from pipenag.checkpoint import SIM_PART, CheckpointStore, stage_part
-from pipenag.engine.sim import Simulator
 from pipenag.faults import FAIL_ENV, parse
 from pipenag.metrics import read_metrics
 from pipenag.runtime.launch import free_port, train_dist
@@ -168,28 +168,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_set(tmp_path, mo
 # -- the simulator ----------------------------------------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_simulator_auto_resume_with_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
     """The simulator's checkpoints follow the same rules: stopped in update 8, its newest
     checkpoint (6) corrupted, train.resume=auto warns, falls back to 3, ends bit-identical."""
     cfg = tiny_config(tmp_path / "straight", *RUN, "--pipeline.num_stages=3")
     straight = train_sim(cfg)
-    step = Simulator.step
-
-    def failing_step(self, batch):
-        if self.num_updates == 7:
-            raise Interrupt
-        return step(self, batch)
-
-    monkeypatch.setattr(Simulator, "step", failing_step)
     out = tmp_path / "cut"
-    with pytest.raises(Interrupt):
+    with simulator_stopped_at(monkeypatch, 7), pytest.raises(Interrupt):
         train_sim(tiny_config(out, *RUN, "--pipeline.num_stages=3"))
-    monkeypatch.setattr(Simulator, "step", step)
     store = CheckpointStore(out, [SIM_PART])
     assert store.complete_updates() == [3, 6]
     _damage(store.path(6, SIM_PART), "corrupt")

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, ROOT, TINY, sim_weights, subprocess_env, tiny_config
+from helpers import FAST, ROOT, TINY, Interrupt, sim_weights, simulator_stopped_at, subprocess_env, tiny_config
 
 import pipenag.train as train_mod
 from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.cli import main as cli_main
 from pipenag.config import Config
-from pipenag.engine.sim import Simulator
 from pipenag.methods import METHODS
 from pipenag.metrics import read_metrics
 from pipenag.train import train_main, train_sim
@@ -177,10 +176,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == reference[-1]["val_loss"]
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["nesterov", "pipemare", "gpipe", "basis-rotation", "muon-wp"])
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, method):
@@ -188,19 +183,10 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch, meth
     # the resumed run must drop line 7, redo it and end with the uninterrupted run's numbers.
     extra = [f"--pipeline.method={method}", "--train.checkpoint_every=3"]
     _, reference, _ = run(tmp_path / "straight", *extra)
-    step = Simulator.step
-
-    def failing_step(self, batch):
-        if self.num_updates == 7:
-            raise Interrupt
-        return step(self, batch)
-
-    monkeypatch.setattr(Simulator, "step", failing_step)
-    with pytest.raises(Interrupt):
+    with simulator_stopped_at(monkeypatch, 7), pytest.raises(Interrupt):
         run(tmp_path / "cut", *extra)
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 8))
     assert checkpoints(tmp_path / "cut") == [3, 6]
-    monkeypatch.setattr(Simulator, "step", step)
     assert train_main(None, resume=str(tmp_path / "cut")) == 0
     after = read_metrics(tmp_path / "cut")
     assert [r["step"] for r in after] == list(range(1, STEPS + 1))
