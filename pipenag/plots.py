@@ -114,7 +114,11 @@ def plot_panels(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
                 xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
                 styles: Optional[dict[str, dict]] = None) -> bool:
     """Side-by-side panels (shared y axis), each with named (x, y) series. Series whose names
-    agree before " (" share a color; `styles` maps a series name to extra plot() keywords."""
+    agree before " (" share a color; `styles` maps a series name to extra plot() keywords.
+    Empty panels are left out; nothing is written (False) when all are empty."""
+    panels = {name: series for name, series in panels.items() if series}
+    if not panels:
+        return False
     plt = _pyplot()
     if plt is None:
         return False
