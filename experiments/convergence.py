@@ -92,7 +92,7 @@ def slowdown(records: list[dict], target: float) -> list[str]:
     lines = [f"| method | K | tokens to reach {target:.2f} (seed-mean curve) | slowdown vs K = 1 |", "|---|---|---|---|"]
     for (method, k) in sorted(rows):
         tok = crossing(mean_curve(rows[(method, k)]), target, "tokens")
-        base = rows.get((method, 1))
+        base = rows.get((method, 1)) or rows.get((BASE_AT_K1.get(method, ""), 1))
         tok1 = crossing(mean_curve(base), target, "tokens") if base and base[0]["lr"] == rows[(method, k)][0]["lr"] else None
         ratio = f"{tok / tok1:.2f}x" if tok is not None and tok1 else "-"
         lines.append(f"| {method} | {k} | {'not reached' if tok is None else f'{tok:,.0f}'} | {ratio} |")
@@ -115,6 +115,28 @@ def borrowed_penalties(records: list[dict]) -> list[str]:
                 continue
             se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
             lines.append(f"| {method} | {k} | {lr:g} | {base} at K = 1 | {statistics.fmean(diffs):+.4f} +- {se:.4f} | {len(diffs)} |")
+    return lines
+
+
+def paired_against(records: list[dict], base: str, methods: tuple[str, ...] = ()) -> list[str]:
+    """Lines of markdown: each method's (all, or `methods`) final loss minus `base`'s at the
+    same K and seed (each at its chosen lr), mean +- standard error of the paired differences."""
+    ok = [r for r in records if not r["tuning"] and r["chosen_lr"] and r["status"] == "ok"
+          and r["stages"] == r["trained_stages"]]
+    pd = {(r["stages"], r["seed"]): r["val_loss"] for r in ok if r["method"] == base}
+    t95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% Student t, by degrees of freedom
+    lines = [f"| method | K | minus {base} (mean +- s.e.) | seeds | t = mean / s.e. | resolved at 95% (paired t) |",
+             "|---|---|---|---|---|---|"]
+    for method, k in sorted({(r["method"], r["stages"]) for r in ok if r["stages"] > 1 and r["method"] != base
+                             and (not methods or r["method"] in methods)}):
+        diffs = [r["val_loss"] - pd[(k, r["seed"])] for r in ok
+                 if (r["method"], r["stages"]) == (method, k) and (k, r["seed"]) in pd]
+        if len(diffs) < 2:
+            continue
+        mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+        t = mean / se if se > 0 else float("inf")
+        lines.append(f"| {method} | {k} | {mean:+.4f} +- {se:.4f} | {len(diffs)} | {t:+.1f} | "
+                     f"{'yes' if abs(t) > t95.get(len(diffs) - 1, 1.96) else 'no'} |")
     return lines
 
 
@@ -144,7 +166,11 @@ def main(argv: list[str]) -> int:
                        + ["", "## Delay penalty against the base method's K = 1 runs", "",
                           "For methods whose own K = 1 controls were not run; at K = 1 they equal their base "
                           "method bit for bit (tests/test_methods.py).", ""]
-                       + borrowed_penalties(records))
+                       + borrowed_penalties(records)
+                       + ["", "## Final loss against pipedream, paired by seed", ""]
+                       + paired_against(records, "pipedream")
+                       + ["", "## Forward weight prediction with Muon: muon-wp against muon, paired by seed", ""]
+                       + paired_against(records, "muon", ("muon-wp",)))
     (REPORT / "regime.md").write_text("# Regime checks (configs/bench.toml)\n\n" + checks + "\n")
     print((REPORT / "summary.md").read_text())
     print(checks)
