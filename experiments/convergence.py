@@ -36,7 +36,7 @@ SWEEPS = {
     "b": ["--methods", "basis-rotation,muon,muon-wp", "--stages", "1,8,16,32", *ADAM_LRS],
     # the delay corrections of the paper's comparison, at K = 8 and 32, not tuned: the lr that
     # pipedream and nesterov were tuned to (3e-3); K = 1 controls added (pipedream-lr's and
-    # pipemare's equal pipedream's bit for bit; they were not run: see docs/results/convergence.md)
+    # pipemare's equal pipedream's bit for bit)
     "c": ["--methods", "pipedream-lr,pipemare,nesterov-nows", "--stages", "8,32", "--lrs", "3e-3"],
     # the SGD form of the paper's method at its best lr of experiment (d), 3 (not tuned here), with
     # lr * weight_decay = 1e-5 per step as AdamW's 1e-3 x 0.01
