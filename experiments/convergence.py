@@ -80,14 +80,20 @@ def regime_checks(records: list[dict]) -> list[str]:
     return lines
 
 
+def _reported_ok(records: list[dict], controls: bool = False) -> list[dict]:
+    """The finished reported runs at their row's lr (with `controls`, also the K = 1 controls,
+    which have no row of their own), each counted once (a synchronous run only at the K it
+    trained at)."""
+    return [r for r in records if not r["tuning"] and (controls or r["chosen_lr"]) and r["status"] == "ok"
+            and r["stages"] == r["trained_stages"]]
+
+
 def slowdown(records: list[dict], target: float) -> list[str]:
     """Lines of markdown: per method, the tokens its seed-mean curve (chosen lr, reported seeds)
     needs to reach `target` at each K, and the slowdown against its own K = 1 (the metric of
     the basis-rotation paper: iterations to a loss at K stages over those at 1 stage)."""
     rows = {}
-    for r in records:
-        if r["tuning"] or not r["chosen_lr"] or r["status"] != "ok" or r["stages"] != r["trained_stages"]:
-            continue
+    for r in _reported_ok(records):
         rows.setdefault((r["method"], r["stages"]), []).append(r)
     lines = [f"| method | K | tokens to reach {target:.2f} (seed-mean curve) | slowdown vs K = 1 |", "|---|---|---|---|"]
     for (method, k) in sorted(rows):
@@ -102,7 +108,7 @@ def slowdown(records: list[dict], target: float) -> list[str]:
 def borrowed_penalties(records: list[dict]) -> list[str]:
     """Lines of markdown: the delay penalty (mean over seeds of loss at K - loss at K = 1, with
     its standard error) of the BASE_AT_K1 methods whose own K = 1 runs are missing."""
-    ok = [r for r in records if not r["tuning"] and r["status"] == "ok" and r["stages"] == r["trained_stages"]]
+    ok = _reported_ok(records, controls=True)
     at = {(r["method"], r["stages"], r["lr"], r["seed"]): r["val_loss"] for r in ok}
     lines = ["| method | K | lr | K = 1 control | delay penalty (+- s.e.) | seeds |", "|---|---|---|---|---|---|"]
     for method, base in BASE_AT_K1.items():
@@ -121,8 +127,7 @@ def borrowed_penalties(records: list[dict]) -> list[str]:
 def paired_against(records: list[dict], base: str, methods: tuple[str, ...] = ()) -> list[str]:
     """Lines of markdown: each method's (all, or `methods`) final loss minus `base`'s at the
     same K and seed (each at its chosen lr), mean +- standard error of the paired differences."""
-    ok = [r for r in records if not r["tuning"] and r["chosen_lr"] and r["status"] == "ok"
-          and r["stages"] == r["trained_stages"]]
+    ok = _reported_ok(records)
     pd = {(r["stages"], r["seed"]): r["val_loss"] for r in ok if r["method"] == base}
     t95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% Student t, by degrees of freedom
     lines = [f"| method | K | minus {base} (mean +- s.e.) | seeds | t = mean / s.e. | resolved at 95% (paired t) |",
