@@ -15,6 +15,11 @@ the two leaves a file without a sidecar, which does not count.
   complete set with a one-line warning.
 - Each process keeps its files of the newest `keep` (2) complete sets and of any newer update
   not yet complete (the other parts may still be writing it), and deletes the rest of its own.
+- A part is loaded weights-only (torch.load(weights_only=True)): tensors, numbers, strings and
+  plain containers, never an arbitrary pickled object. A checksum cannot make a file safe
+  (whoever can write the file can write its sidecar), so a crafted file that would run code when
+  unpickled is refused (UnsafeCheckpoint) before any of it runs. Everything pipenag writes is
+  such plain data, so its own checkpoints need no conversion.
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ def stage_part(stage_idx: int) -> str:
 
 
 SIM_PART = "sim"
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than tensors and plain data (it may run code)."""
+
+
+def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load of a checkpoint file that refuses anything but tensors and plain data.
+
+    Raises:
+        UnsafeCheckpoint: the file pickles another object (a crafted or foreign file); nothing
+            in it was run.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; keep its one line naming what was refused.
+        found = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global|\. |\n|$)", str(e))
+        first = found.group(1).strip() if found else type(e).__name__
+        raise UnsafeCheckpoint(
+            f"checkpoint {str(path)!r} refused: it holds objects other than tensors and plain data, and "
+            f"pipenag loads checkpoints weights-only so that a crafted file cannot run code ({first}). "
+            "pipenag never writes such a file: it comes from elsewhere; delete it, or resume from a "
+            "checkpoint you made") from None
 
 
 def _warn(message: str) -> None:
@@ -157,7 +190,28 @@ class CheckpointStore:
             warn(f"checkpoint of update {update} is damaged ({bad[0]}); falling back to the previous one")
         return None
 
-    def load(self, update: int, part: str, map_location: Any = "cpu") -> Any:
-        import torch
+    def missing_reason(self) -> str:
+        """Why newest_verified_set() found nothing, in words for an error message: no complete
+        set at all, or every complete set damaged (each named with what failed)."""
+        complete = self.complete_updates()
+        if not complete:
+            return f"no complete checkpoint in {self.folder} (the run stopped before its first checkpoint)"
+        bad = []
+        for update in complete:
+            whys = [why for part in self.parts if (why := self.verify(update, part)) is not None]
+            bad.append(f"update {update}: {whys[0] if whys else 'ok'}")
+        return f"every complete checkpoint in {self.folder} is damaged ({'; '.join(bad)})"
 
-        return torch.load(self.path(update, part), map_location=map_location, weights_only=False)
+    def load(self, update: int, part: str, map_location: Any = "cpu") -> Any:
+        """`part`'s checkpoint of `update`, loaded weights-only (load_weights_only)."""
+        return load_weights_only(self.path(update, part), map_location=map_location)
+
+    def check_loadable(self, update: int) -> None:
+        """Load every part of the set of `update` weights-only (and drop it): a launcher's check
+        before it starts any worker on that set.
+
+        Raises:
+            UnsafeCheckpoint: a part is not plain data.
+        """
+        for part in self.parts:
+            self.load(update, part)

@@ -55,10 +55,10 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
         check_same_run(cfg)
     start = 0
     if mode != "no":
-        start = CheckpointStore(cfg.run.out_dir, [SIM_PART]).newest_verified_set() or 0
+        store = CheckpointStore(cfg.run.out_dir, [SIM_PART])
+        start = store.newest_verified_set() or 0
         if not start and mode == "explicit":
-            raise ValueError(f"--resume {cfg.run.out_dir!r}: no complete checkpoint there (the run stopped "
-                             "before its first checkpoint)")
+            raise ValueError(f"--resume {cfg.run.out_dir!r}: {store.missing_reason()}")
     set_threads(cfg, resolved.schedule.num_stages)
     device = sim_device(cfg)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)

@@ -62,9 +62,14 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
     store = CheckpointStore(cfg.run.out_dir, [stage_part(k) for k in range(K)])
     if resume_mode(cfg, resume) == "auto":
         check_same_run(cfg)
-    if resume and not store.complete_updates():
-        raise ValueError(f"--resume {cfg.run.out_dir!r}: no update has a checkpoint from all {K} stages "
-                         f"in {store.folder}")
+    if resume_mode(cfg, resume) != "no":
+        # Refuse a damaged or unsafe set here, before any worker starts (the workers load the
+        # set they agree on weights-only again, and warn about damaged files themselves).
+        update = store.newest_verified_set(warn=lambda message: None)
+        if update is None and resume:
+            raise ValueError(f"--resume {cfg.run.out_dir!r}: {store.missing_reason()}")
+        if update is not None:
+            store.check_loadable(update)
     if start_method is None:
         import torch
 
