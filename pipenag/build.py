@@ -36,9 +36,14 @@ class PipelineParts:
 
     def describe(self) -> str:
         r = self.resolved
-        return (f"method {r.method.name}: schedule {r.schedule.name}, K={r.schedule.num_stages}, "
-                f"M={r.schedule.num_microbatches}, stash {'on' if r.stash else 'off'}, optimizer "
-                f"{r.optimizer}, {self.num_params:,} parameters")
+        s = r.schedule
+        text = (f"method {r.method.name}: schedule {s.name}, K={s.num_stages}, M={s.num_microbatches}, "
+                f"stash {'on' if r.stash else 'off'}, optimizer {r.optimizer}, {self.num_params:,} parameters")
+        if s.asynchronous:
+            K = s.num_stages
+            text += (f"; in flight {list(s.depths)}{' (auto)' if self.cfg.pipeline.in_flight == 'auto' else ''}, "
+                     f"staleness {[s.staleness(k) for k in range(K)]}")
+        return text
 
     def simulator(self, record: Optional[list] = None) -> Simulator:
         r = self.resolved
@@ -75,12 +80,13 @@ def lr_function(cfg: Config, resolved: ResolvedMethod, stage_idx: int) -> Callab
 
 
 def stage_optimizer(o: OptimConfig, name: str, module: torch.nn.Module, stage_idx: int,
-                    num_stages: int) -> torch.optim.Optimizer:
-    """The optimizer `name` over one stage's module, with the [optim] settings of the config."""
+                    num_stages: int, staleness: Optional[list[int]] = None) -> torch.optim.Optimizer:
+    """The optimizer `name` over one stage's module, with the [optim] settings of the config
+    (`staleness`: every stage's, for nesterov-nows; None = K-1-k)."""
     return build_optimizer(name, module, lr=o.lr, weight_decay=o.weight_decay,
                            momentum=o.momentum if o.momentum >= 0 else None, momentum_decay=o.momentum_decay,
                            momentum_schedule=o.momentum_schedule, discount=o.discount,
-                           stage_idx=stage_idx, num_stages=num_stages)
+                           stage_idx=stage_idx, num_stages=num_stages, staleness=staleness)
 
 
 def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "cpu",
@@ -106,7 +112,9 @@ def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "c
             raise ValueError("model.unigram_head=true: build_pipeline needs the training tokens (train_ids)")
         set_unigram_bias(stages[-1].lm_head, train_ids)
     stages = [stage.to(device) for stage in stages]
-    optimizers = [stage_optimizer(cfg.optim, resolved.optimizer, stage, k, K) for k, stage in enumerate(stages)]
+    staleness = [resolved.schedule.staleness(k) for k in range(K)]
+    optimizers = [stage_optimizer(cfg.optim, resolved.optimizer, stage, k, K, staleness)
+                  for k, stage in enumerate(stages)]
     lr_fns = [lr_function(cfg, resolved, k) for k in range(K)]
     return PipelineParts(cfg, resolved, model_cfg, stages, optimizers, lr_fns)
 

@@ -2,6 +2,7 @@
 
     pipenag train --config configs/tiny.toml --method pipedream --stages 4 --steps 40
     pipenag schedule --name pipedream --stages 4 --microbatches 1
+    pipenag schedule --name pipedream --stages 4 --pipeline.in_flight=8,6,4,1
     pipenag compare --methods nesterov,pipedream,gpipe --config configs/tiny.toml --out runs/cmp
     pipenag sweep --methods gpipe,pipedream,nesterov --stages 1,8 --seeds 1,2,3 --config configs/bench.toml
     pipenag bench optimizer --config configs/small.toml
@@ -52,14 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def schedule_main(name: str, num_stages: int, num_microbatches: int, num_updates: int) -> int:
-    """`pipenag schedule`: print the grid, the action lists and the version table."""
-    from pipenag.schedules import Schedule, microbatches_per_update
+def schedule_main(name: str, num_stages: int, num_microbatches: int, num_updates: int,
+                  overrides: list[str] = ()) -> int:
+    """`pipenag schedule`: print the grid, the action lists and the version table.
+
+    Args:
+        overrides: --section.key=value settings; pipeline.in_flight (with "auto": [link],
+            pipeline.pass_ms and the message size of [data]/[model]) shapes the schedule.
+    """
+    from pipenag.config import load_config
+    from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
     from pipenag.timing import format_grid, format_versions
 
-    schedule = Schedule(name, num_stages, num_microbatches or microbatches_per_update(name, num_stages))
+    cfg = load_config(None, ["--pipeline.num_stages=" + str(num_stages), *overrides])
+    M = num_microbatches or microbatches_per_update(name, num_stages)
+    depths = cfg.pipeline.depths
+    if cfg.pipeline.in_flight == "auto" and name in ASYNC_SCHEDULES:
+        from pipenag.link.messages import auto_in_flight
+
+        depths = auto_in_flight(cfg, name, num_stages, M)
+    try:
+        schedule = Schedule(name, num_stages, M, depths)
+    except ValueError as e:
+        raise ValueError(f"pipeline.{e}" if str(e).startswith("in_flight") else str(e)) from None
     if num_updates < 1:
         raise ValueError(f"updates={num_updates}: must be >= 1")
+    if schedule.asynchronous:
+        print(f"in flight per stage: {list(schedule.depths)}; staleness: "
+              f"{[schedule.staleness(k) for k in range(num_stages)]}; weight versions kept: "
+              f"{[schedule.versions_kept(k) for k in range(num_stages)]}")
     print(format_grid(schedule, num_updates))
     print("actions:")
     for k in range(num_stages):
@@ -88,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 return train_main(None, resume=args.resume, extra=rest) or 0
             return train_main(config_from_args(args, rest)) or 0
         if args.command == "schedule":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            return schedule_main(args.name, args.stages, args.microbatches, args.updates) or 0
+            return schedule_main(args.name, args.stages, args.microbatches, args.updates, rest) or 0
         if args.command == "compare":
             from pipenag.compare import compare_main
             from pipenag.config import config_from_args

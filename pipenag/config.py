@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -174,11 +175,48 @@ class PipelineConfig:
     predict_forward: Literal["", "on", "off"] = ""
     """Forward weight prediction (SpecTrain-style, any optimizer): each stage's forward runs at
     its weights extrapolated by their last update over the stage's delay; "" = the method's."""
+    in_flight: str = ""
+    """Microbatches in flight per stage of an asynchronous schedule (forward run, backward not
+    yet): "" = K - k at stage k (classic 1F1B); one depth per stage, non-increasing, as a TOML
+    list [12, 9, 6, 1] or "12,9,6,1"; "auto" = the smallest depths with which the timing model
+    reaches 97% of its compute/bandwidth bound on the [link] (K - k without a link). Staleness
+    at stage k is d_k - 1 (docs/schedules.md)."""
+    pass_ms: float = 0.0
+    """Forward + backward time of one microbatch at one stage (ms) that in_flight="auto" plans
+    with (forward a third, backward two thirds); needed for "auto" with a link. `pipenag bench
+    simulator` measures it on a machine; a config value keeps the depths (and so the numbers)
+    the same in both engines and on every machine."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "pipeline.num_stages", self.num_stages, "must be >= 1")
         _check(self.num_microbatches >= 0, "pipeline.num_microbatches", self.num_microbatches, "must be >= 0")
         _check_choices(self)
+        _check(math.isfinite(self.pass_ms) and self.pass_ms >= 0, "pipeline.pass_ms", self.pass_ms,
+               "must be a finite number >= 0")
+        if self.in_flight not in ("", "auto"):
+            depths = parse_depths(self.in_flight)
+            _check(len(depths) == self.num_stages, "pipeline.in_flight", self.in_flight,
+                   f"needs one depth per stage (pipeline.num_stages={self.num_stages}), got {len(depths)}")
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """The explicit in_flight depths (() for "" and "auto")."""
+        return () if self.in_flight in ("", "auto") else parse_depths(self.in_flight)
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    """"12,9,6,1" -> (12, 9, 6, 1).
+
+    Raises:
+        ValueError: naming pipeline.in_flight, for anything but comma-separated integers >= 1.
+    """
+    try:
+        depths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"pipeline.in_flight={text!r}: expected \"\", \"auto\" or one integer depth per "
+                         "stage, such as 12,9,6,1") from None
+    _check(all(d >= 1 for d in depths), "pipeline.in_flight", text, "every depth must be >= 1")
+    return depths
 
 
 @dataclass
@@ -320,6 +358,9 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+_LIST_FIELDS = {"pipeline.in_flight"}  # str fields that TOML may also give as a list
+
+
 def _coerce(typ, value, name: str):
     origin = typing.get_origin(typ)
     if origin is typing.Union:  # Optional[X]
@@ -355,6 +396,11 @@ def _coerce(typ, value, name: str):
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name}={value!r}: expected a number") from None
+    if typ is str and name in _LIST_FIELDS and isinstance(value, list):
+        # TOML's in_flight = [12, 9, 6, 1] (and the JSON of a saved config) -> "12,9,6,1"
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{name}={value!r}: expected a list of integers")
+        return ",".join(str(v) for v in value)
     if typ is str or _choices(typ):
         if not isinstance(value, str):
             raise ValueError(f"{name}={value!r}: expected a string")

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 
 from pipenag.config import Config, MethodName
-from pipenag.schedules import Schedule, microbatches_per_update
+from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,16 @@ def resolve(cfg: Config) -> ResolvedMethod:
         raise ValueError(f"pipeline.predict_forward='on': method {method.name!r} already predicts the backward "
                          "weights (PipeMare); the two predictions are exclusive")
     num_microbatches = p.num_microbatches or microbatches_per_update(schedule_name, p.num_stages)
+    depths: tuple[int, ...] = ()
+    if p.in_flight == "auto":
+        if schedule_name in ASYNC_SCHEDULES:  # a flushing schedule has no depth to plan
+            from pipenag.link.messages import auto_in_flight
+
+            depths = auto_in_flight(cfg, schedule_name, p.num_stages, num_microbatches)
+    else:
+        depths = p.depths
     try:
-        schedule = Schedule(schedule_name, p.num_stages, num_microbatches)
+        schedule = Schedule(schedule_name, p.num_stages, num_microbatches, depths)
     except ValueError as e:
         # Schedule names its own arguments (num_microbatches=..., num_stages=...): say which
         # config field and which method they came from.

@@ -63,18 +63,59 @@ def microbatches_per_update(name: str, num_stages: int, requested: int = 0) -> i
     return requested
 
 
+def default_in_flight(num_stages: int) -> tuple[int, ...]:
+    """The asynchronous schedules' depths without pipeline.in_flight: K - k at stage k."""
+    return tuple(num_stages - k for k in range(num_stages))
+
+
+def in_flight_problem(name: str, num_stages: int, num_microbatches: int, depths: tuple[int, ...]) -> str:
+    """Why `depths` cannot be the in-flight depths of schedule `name`, or "" when they can.
+
+    The rules (docs/schedules.md derives them):
+    - one depth per stage, each >= 1;
+    - non-increasing, d_0 >= d_1 >= ... >= d_{K-1}: stage k runs F(j + d_k - 1) before B(j),
+      and stage k-1 sends that activation only after its own B(j + d_k - d_{k-1}), which needs
+      stage k's B of the same microbatch: with d_k > d_{k-1} the two wait for each other;
+    - 2bw: d_k <= M + 1, so that every forward of update u still finds version u - 1 (the
+      forward of the first microbatch of u runs after d_k - 1 more backwards, which must not
+      complete update u - 1 and so create version u before it).
+    """
+    if name not in ASYNC_SCHEDULES:
+        return (f"the {name} schedule flushes every update and keeps its own depth; in_flight applies to "
+                f"the asynchronous schedules ({', '.join(ASYNC_SCHEDULES)})")
+    if len(depths) != num_stages:
+        return f"needs one depth per stage ({num_stages}), got {len(depths)}"
+    if any(d < 1 for d in depths):
+        return "every depth must be >= 1 (a stage holds at least the microbatch it is working on)"
+    if any(a < b for a, b in zip(depths, depths[1:])):
+        return ("depths must not increase from one stage to the next (d_0 >= d_1 >= ...): a stage cannot "
+                "keep more microbatches in flight than the stage before it feeds it (deadlock)")
+    if name == "2bw" and max(depths) > num_microbatches + 1:
+        return (f"2bw needs every depth <= M + 1 = {num_microbatches + 1} (M = {num_microbatches} microbatches "
+                "per update), so that a forward of update u still finds version u - 1; raise "
+                "pipeline.num_microbatches")
+    return ""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A named schedule for `num_stages` stages and `num_microbatches` microbatches per update.
 
+    `in_flight` (asynchronous schedules only) sets the depth d_k of each stage: the number of
+    microbatches whose forward stage k has run and whose backward it has not, just before a
+    backward. () keeps the default K - k (the classic 1F1B warm-up). Everything else derives
+    from the depths: the warm-up of d_k - 1 forwards, the versions, staleness d_k - 1 (pipedream)
+    and the d_k versions a stashing stage keeps.
+
     Raises:
-        ValueError: unknown name, num_stages < 1, or a microbatch count the schedule forbids
-            (pipedream needs 1, 2bw needs M >= num_stages).
+        ValueError: unknown name, num_stages < 1, a microbatch count the schedule forbids
+            (pipedream needs 1, 2bw needs M >= num_stages), or depths in_flight_problem rejects.
     """
 
     name: str
     num_stages: int
     num_microbatches: int
+    in_flight: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -91,19 +132,39 @@ class Schedule:
             raise ValueError(
                 f"num_microbatches={self.num_microbatches}: 2bw needs at least num_stages="
                 f"{self.num_stages} microbatches per update")
+        if self.in_flight:
+            depths = tuple(self.in_flight)
+            if any(not isinstance(d, int) or isinstance(d, bool) for d in depths):
+                raise ValueError(f"in_flight={list(depths)}: depths must be integers")
+            object.__setattr__(self, "in_flight", depths)
+            why = in_flight_problem(self.name, self.num_stages, self.num_microbatches, depths)
+            if why:
+                raise ValueError(f"in_flight={list(depths)}: {why}")
 
     @property
     def asynchronous(self) -> bool:
         return self.name in ASYNC_SCHEDULES
 
+    def depth(self, stage_idx: int) -> int:
+        """d_k: microbatches in flight at stage k of an asynchronous schedule (forward run,
+        backward not yet) just before a backward; K - k unless in_flight sets it."""
+        if self.in_flight:
+            return self.in_flight[stage_idx]
+        return self.num_stages - stage_idx
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        return tuple(self.depth(k) for k in range(self.num_stages))
+
     def delay(self, stage_idx: int) -> int:
-        """tau_k = K-1-k: how many microbatches stage k runs ahead of its backward."""
-        return self.num_stages - 1 - stage_idx
+        """d_k - 1 (K-1-k by default): how many microbatches stage k runs ahead of its backward."""
+        return self.depth(stage_idx) - 1
 
     def staleness(self, stage_idx: int) -> int:
         """How many updates old the weights of a gradient are when stage `stage_idx` applies it:
         tau_k for pipedream, 1 for 2bw, 0 for the synchronous schedules. The delay that PipeMare's
-        lr discount and the weight predictions correct for."""
+        lr discount and the weight predictions correct for. It equals the number of steps the
+        stage makes between a microbatch's forward and its backward."""
         if self.name == "pipedream":
             return self.delay(stage_idx)
         if self.name == "2bw":
@@ -179,8 +240,9 @@ def _one_f_one_b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[
 
 
 def _async_1f1b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[Action]:
-    # No flush: tau_k warm-up forwards, then forward(j + tau_k), backward(j) for every j, with a
-    # step after the last backward of each update. For pipedream M = 1 (a step per microbatch).
+    # No flush: d_k - 1 warm-up forwards, then forward(j + d_k - 1), backward(j) for every j,
+    # with a step after the last backward of each update. For pipedream M = 1 (a step per
+    # microbatch). d_k = K - k unless in_flight sets it.
     M = s.num_microbatches
     first, total = start * M, num_updates * M
     tau = s.delay(k)

@@ -15,6 +15,7 @@ overlap of communication and computation the runtime implements.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -124,6 +125,124 @@ def simulate(
     utilization = [b / makespan if makespan > 0 else 0.0 for b in busy]
     events.sort(key=lambda e: (e.start, e.action.stage))
     return Timeline(events, makespan, busy, utilization)
+
+
+def steady_utilization(schedule: Schedule, forward_time: float, backward_time: float, latency: float = 0.0,
+                       transfer_time: float = 0.0, num_microbatches: int = 0) -> float:
+    """The busy fraction of a stage in the steady state of an asynchronous schedule: forward +
+    backward time over the period between two microbatches, measured on stage 0's backwards in
+    the second half of a long event simulation (the fill and drain excluded).
+
+    Args:
+        schedule: an asynchronous Schedule (its depths set the microbatches in flight).
+        forward_time, backward_time: per pass, every stage.
+        latency, transfer_time: of every message, as in simulate().
+        num_microbatches: how many to simulate (0: 4 x the deepest stage + 40, enough for the
+            period to settle).
+    """
+    M = schedule.num_microbatches
+    n = num_microbatches or 4 * max(schedule.depths) + 40
+    num_updates = max(2, -(-n // M))
+    timeline = simulate(schedule, num_updates, forward_time, backward_time, latency=latency,
+                        transfer_time=transfer_time)
+    ends = {e.action.index: e.end for e in timeline.events if e.action.stage == 0 and e.action.kind == "B"}
+    last = num_updates * M - 1
+    half = last // 2
+    if last == half or forward_time + backward_time <= 0:
+        return 1.0
+    period = (ends[last] - ends[half]) / (last - half)
+    return min(1.0, (forward_time + backward_time) / period) if period > 0 else 1.0
+
+
+def utilization_bound(forward_time: float, backward_time: float, transfer_time: float) -> float:
+    """The compute/bandwidth bound of a stage's busy fraction: each direction of a link carries
+    one message per microbatch, so a microbatch takes at least max(F + B, transfer)."""
+    work = forward_time + backward_time
+    return work / max(work, transfer_time) if work > 0 else 1.0
+
+
+AUTO_TARGET = 0.97
+"""in_flight="auto" reaches this fraction of utilization_bound in the steady state."""
+
+
+def plan_in_flight(name: str, num_stages: int, num_microbatches: int, forward_time: float,
+                   backward_time: float, latency: float, transfer_time: float,
+                   target: float = AUTO_TARGET) -> tuple[int, ...]:
+    """Depths for pipeline.in_flight="auto": the smallest per-stage depths with which the timing
+    model keeps every stage at >= `target` of utilization_bound in the steady state.
+
+    The search starts from Little's law, d_k = c * (round trip of stage k) / (period), with the
+    round trip the passes of stages k..K-1 plus 2 (K-1-k) hops of latency + transfer and the
+    period max(F + B, transfer), takes the smallest c that reaches the target (bisection), then
+    lowers each depth while the target holds (binary search per stage, last stage first, until
+    no depth moves): no single depth can then drop by one without missing the target.
+
+    Args:
+        name: "pipedream" or "2bw" (for another schedule the result is ()).
+        num_stages, num_microbatches: K and M.
+        forward_time, backward_time, latency, transfer_time: as in simulate(), one value for
+            every stage and link.
+        target: the fraction of the bound to reach.
+    Returns:
+        The depths d_0 >= ... >= d_{K-1} >= 1; K - k when there is no link cost at all.
+    """
+    from pipenag.schedules import ASYNC_SCHEDULES, default_in_flight, in_flight_problem
+
+    K, M = num_stages, num_microbatches
+    if name not in ASYNC_SCHEDULES:
+        return ()
+    if latency <= 0 and transfer_time <= 0:
+        return default_in_flight(K)
+    goal = target * utilization_bound(forward_time, backward_time, transfer_time)
+    cap = M + 1 if name == "2bw" else None
+    cycle = max(forward_time + backward_time, transfer_time)
+    hop = latency + transfer_time
+    round_trip = [(K - k) * (forward_time + backward_time) + 2 * (K - 1 - k) * hop for k in range(K)]
+
+    def clamp(depths) -> tuple[int, ...]:
+        out, floor = [], 1
+        for d in reversed(depths):  # non-increasing toward stage 0, each >= 1
+            floor = max(floor, int(d))
+            out.append(floor)
+        depths = tuple(reversed(out))
+        return tuple(min(d, cap) for d in depths) if cap else depths
+
+    def ok(depths) -> bool:
+        return steady_utilization(Schedule(name, K, M, depths), forward_time, backward_time, latency,
+                                  transfer_time) >= goal
+
+    def little(c: float) -> tuple[int, ...]:
+        return clamp([math.ceil(c * rt / cycle - 1e-9) if cycle > 0 else 1 for rt in round_trip])
+
+    hi = 1.0
+    while not ok(little(hi)) and hi < 64:
+        hi *= 2
+    depths = little(hi)
+    if not ok(depths):  # out of reach (2bw's cap, or a bound the schedule cannot meet): deepest tried
+        return depths
+    lo = 0.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(little(mid)) else (mid, hi)
+    depths = list(little(hi))
+    moved = True
+    while moved:
+        moved = False
+        for k in reversed(range(K)):
+            floor = depths[k + 1] if k + 1 < K else 1
+            low, high = floor, depths[k]  # ok at high; find the smallest ok depth
+            while low < high:
+                mid = (low + high) // 2
+                trial = depths[:k] + [mid] + depths[k + 1:]
+                if ok(trial):
+                    high = mid
+                else:
+                    low = mid + 1
+            if high < depths[k]:
+                depths[k] = high
+                moved = True
+    assert not in_flight_problem(name, K, M, tuple(depths)), depths
+    return tuple(depths)
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:

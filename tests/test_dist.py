@@ -186,7 +186,7 @@ def test_world_size_must_match_the_stages(tmp_path, monkeypatch):
 
 def test_resume_without_complete_checkpoint_is_a_clear_error(tmp_path):
     cfg = make_dist_cfg(tmp_path / "d", "pipedream", 2, "--train.engine=dist")
-    with pytest.raises(ValueError, match="no update has a checkpoint from all 2 stages"):
+    with pytest.raises(ValueError, match="no complete checkpoint in .*before its first checkpoint"):
         train_dist(cfg, resume=True)
 
 

@@ -39,7 +39,7 @@ import torch
 from pipenag.bench import bench_config, bench_parser, machine_line
 from pipenag.config import Config
 from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
-from pipenag.timing import simulate
+from pipenag.timing import plan_in_flight, simulate
 
 SCHEDULES = ("pipedream", "2bw", "gpipe", "1f1b")
 SYNC = ("gpipe", "1f1b")
@@ -82,9 +82,24 @@ class SleepStage:
         pass
 
 
-def plan(name: str, num_stages: int, num_microbatches: int) -> Schedule:
-    """The schedule a benchmark runs for `name` (M per update as the schedule allows)."""
-    return Schedule(name, num_stages, microbatches_per_update(name, num_stages, num_microbatches))
+def plan(name: str, num_stages: int, num_microbatches: int, cfg: Optional[Config] = None,
+         compute_s: float = 0.0, message_bytes: int = 0) -> Schedule:
+    """The schedule a benchmark runs for `name` (M per update as the schedule allows), with
+    cfg's pipeline.in_flight for the asynchronous schedules: "auto" plans the depths from the
+    [link], `message_bytes` and `compute_s` per forward and per backward."""
+    M = microbatches_per_update(name, num_stages, num_microbatches)
+    depths: tuple[int, ...] = ()
+    if cfg is not None and name in ASYNC_SCHEDULES:
+        depths = cfg.pipeline.depths
+        if cfg.pipeline.in_flight == "auto":
+            from pipenag.link.messages import link_times
+
+            latency, transfer = link_times(cfg, message_bytes)
+            depths = plan_in_flight(name, num_stages, M, compute_s, compute_s, latency, transfer)
+    try:
+        return Schedule(name, num_stages, M, depths)
+    except ValueError as e:
+        raise ValueError(f"pipeline.{e} (schedule {name})" if str(e).startswith("in_flight") else str(e)) from None
 
 
 def updates_for(schedule: Schedule, total_microbatches: int) -> int:
@@ -115,7 +130,7 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
     total = args.updates * M
     results = {}
     for name in args.schedules.split(","):
-        schedule = plan(name, K, M)
+        schedule = plan(name, K, M, cfg, args.compute_ms / 1e3, shape[0] * 4)
         stage = SleepStage(rank, K, args.compute_ms / 1e3, args.compute_ms / 1e3, shape)
         transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s) if K > 1 else None
         executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
@@ -168,6 +183,9 @@ def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_update
         "send_s": [s["send_s"] for s in stage_stats],
         "cpu_s": [s["cpu_s"] for s in stage_stats],
         "fitted_hop_delay_s": lo,
+        "in_flight": list(schedule.depths) if schedule.asynchronous else None,
+        "staleness": [schedule.staleness(k) for k in range(schedule.num_stages)],
+        "predicted_mean_utilization": sum(pred.utilization) / len(pred.utilization),
     }
 
 
@@ -190,6 +208,13 @@ def main(argv: list[str]) -> int:
         parser.error(f"--schedules: unknown {bad}; valid: {', '.join(SCHEDULES)}")
     if args.updates < 1 or args.compute_ms < 0:
         parser.error(f"--updates={args.updates} must be >= 1 and --compute-ms={args.compute_ms} >= 0")
+    K = cfg.pipeline.num_stages
+    M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
+    try:  # a bad pipeline.in_flight fails here, in one line, before any worker starts
+        for name in names:
+            plan(name, K, M, cfg, args.compute_ms / 1e3, message_shape(args.message_kb)[0] * 4)
+    except ValueError as e:
+        parser.error(str(e))
     return _run(args, cfg, argv, names)
 
 
@@ -209,6 +234,12 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
           f"{shape[0] * 4 / 1024:g} KiB, link latency {cfg.link.latency_ms:g} ms, bandwidth "
           f"{cfg.link.bandwidth_mbps:g} Mbit/s (0 = unlimited)")
     print(f"{machine_line()}; {K} worker processes, gloo")
+    for name in names:
+        schedule = plan(name, K, M, cfg, C, shape[0] * 4)
+        if schedule.asynchronous:
+            print(f"{name}: in flight per stage {list(schedule.depths)}"
+                  f"{' (auto)' if cfg.pipeline.in_flight == 'auto' else ''}, staleness "
+                  f"{[schedule.staleness(k) for k in range(K)]}")
     with tempfile.TemporaryDirectory(prefix="pipenag-bench-") as tmp:
         result = Path(tmp) / "result.json"
         worker_args = [a for a in argv if a != "--json"] + ["--worker", "--result", str(result)]
@@ -221,7 +252,7 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
     print(f"(all schedules: {time.perf_counter() - t0:.1f} s including process start)")
     report = {}
     for name in names:
-        schedule = plan(name, K, M)
+        schedule = plan(name, K, M, cfg, C, shape[0] * 4)
         report[name] = summarize(name, raw[name], schedule, updates_for(schedule, total), C,
                                  link.latency_s, transfer_s)
     print()

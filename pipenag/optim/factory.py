@@ -11,6 +11,7 @@ hidden weight matrices apart from the rest and so take the stage module, not a p
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,15 +35,19 @@ def _check_number(name: str, value, low: float, high: float | None = None, high_
         raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
 
 
-def nows_beta1(stage_idx: int, num_stages: int) -> float:
-    """NAdam beta1 of `nesterov-nows` at a stage: 0.9 + 0.09 * tau_k / K, tau_k = K-1-k.
+def nows_beta1(stage_idx: int, num_stages: int, staleness: Optional[Sequence[int]] = None) -> float:
+    """NAdam beta1 of `nesterov-nows` at a stage: 0.9 + 0.09 * tau_k / (tau_0 + 1), where tau_k
+    is the stage's staleness; with the default depths tau_k = K-1-k, so this is the paper's
+    0.9 + 0.09 * tau_k / K. Deeper pipelines (pipeline.in_flight) scale by their stalest stage,
+    so beta1 stays below 0.99.
 
     Args:
         stage_idx: the stage's position k in the pipeline, 0 <= k < K.
         num_stages: the number of stages K.
+        staleness: tau_k of every stage (Schedule.staleness); None = K-1-k.
 
     Returns:
-        beta1: 0.9 at the last stage (no delay), up to 0.9 + 0.09 (K-1)/K at the first.
+        beta1: 0.9 at the last stage (no delay), up to 0.9 + 0.09 tau_0/(tau_0 + 1) at the first.
     """
     if stage_idx is None or num_stages is None:
         raise ValueError(
@@ -52,8 +57,11 @@ def nows_beta1(stage_idx: int, num_stages: int) -> float:
         raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
     if not isinstance(stage_idx, int) or not 0 <= stage_idx < num_stages:
         raise ValueError(f"stage_idx must be an int in [0, {num_stages}), got {stage_idx!r}")
-    tau = num_stages - 1 - stage_idx
-    return 0.9 + 0.09 * tau / num_stages
+    if staleness is None:
+        return 0.9 + 0.09 * (num_stages - 1 - stage_idx) / num_stages
+    if len(staleness) != num_stages or any(t < 0 for t in staleness):
+        raise ValueError(f"staleness={list(staleness)}: need one value >= 0 per stage ({num_stages})")
+    return 0.9 + 0.09 * staleness[stage_idx] / (max(staleness) + 1)
 
 
 def build_optimizer(
@@ -68,6 +76,7 @@ def build_optimizer(
     discount: bool = True,
     stage_idx: int | None = None,
     num_stages: int | None = None,
+    staleness: Sequence[int] | None = None,
     foreach: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Return the torch optimizer that a method name stands for.
@@ -101,6 +110,7 @@ def build_optimizer(
         discount: DelayedNesterov's (1 - gamma) gradient discount.
         stage_idx: the stage's position (nesterov-nows).
         num_stages: the number of stages (nesterov-nows).
+        staleness: every stage's staleness (nesterov-nows; None = K-1-k).
         foreach: passed to the torch optimizer (None = its default).
 
     Returns:
@@ -124,7 +134,7 @@ def build_optimizer(
     # Stage arguments are checked whenever given, not only for the name that uses them.
     nows = None
     if stage_idx is not None or num_stages is not None or name == "nesterov-nows":
-        nows = nows_beta1(stage_idx, num_stages)
+        nows = nows_beta1(stage_idx, num_stages, staleness)
 
     def default(value: float) -> float:
         return value if momentum is None else momentum

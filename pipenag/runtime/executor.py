@@ -178,9 +178,13 @@ class Executor:
         # Updates whose after_update waits for the validation that follows their step.
         self._evals = {item.update for item in self.program if isinstance(item, Eval)}
         M = schedule.num_microbatches
-        # Enough posted receives for a burst of M (gpipe) plus the validation passes; the
-        # asynchronous schedules need only one or two at a time.
-        self.window = window or M + 1 + (num_eval if eval_updates else 0)
+        # Enough posted receives for a burst of M (gpipe) plus the validation passes; an
+        # asynchronous schedule has at most its deepest stage's depth of microbatches between
+        # two neighbours (on the link or waiting), so a slow link with deep in-flight depths
+        # finds its receives posted and its sends never wait on each other. One buffer of one
+        # message per posted receive: memory stays bounded by the depth.
+        depth = max(schedule.depths) if schedule.asynchronous else 0
+        self.window = window or max(M, depth) + 1 + (num_eval if eval_updates else 0)
         self.max_pending = max_pending or self.window + K
         self._keys_from_prev = outgoing_keys(program(stage_idx - 1), "next", num_eval) if not self.first else ()
         self._keys_from_next = outgoing_keys(program(stage_idx + 1), "prev", num_eval) if not self.last else ()
