@@ -19,6 +19,7 @@ import torch
 from pipenag.config import Config, ModelConfig, OptimConfig
 from pipenag.engine.sim import Simulator
 from pipenag.engine.stage import StageRunner, make_runner
+from pipenag.link.messages import codecs
 from pipenag.methods import ResolvedMethod, resolve
 from pipenag.model import lm_loss, set_unigram_bias
 from pipenag.optim import build_optimizer, delay_discount_lr, warmup_cosine_lr
@@ -43,13 +44,18 @@ class PipelineParts:
             K = s.num_stages
             text += (f"; in flight {list(s.depths)}{' (auto)' if self.cfg.pipeline.in_flight == 'auto' else ''}, "
                      f"staleness {[s.staleness(k) for k in range(K)]}")
+        act, grad = codecs(self.cfg)
+        if act is not None or grad is not None:
+            text += f"; link compression: activations {act.name if act else 'none'}, gradients {grad.name if grad else 'none'}"
         return text
 
     def simulator(self, record: Optional[list] = None) -> Simulator:
         r = self.resolved
+        act, grad = codecs(self.cfg)
         return Simulator(self.stages, lm_loss, self.optimizers, r.schedule, stash=r.stash, lr_fns=self.lr_fns,
                          grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
-                         forward_prediction=r.forward_prediction, record=record)
+                         forward_prediction=r.forward_prediction, record=record, activation_codec=act,
+                         gradient_codec=grad)
 
     def runner(self, stage_idx: int, record: Optional[list] = None) -> StageRunner:
         r = self.resolved
@@ -136,11 +142,14 @@ def memory_report(parts: PipelineParts) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(stages, batches) -> float:
-    """Mean loss of the chained stage modules (their current weights) over (x, y) batches."""
+def evaluate(stages, batches, activation_codec=None) -> float:
+    """Mean loss of the chained stage modules (their current weights) over (x, y) batches, with
+    the activations between stages through `activation_codec` (as the runtime sends them)."""
     total = 0.0
     for x, y in batches:
-        for stage in stages:
+        for k, stage in enumerate(stages):
             x = stage(x)
+            if activation_codec is not None and k < len(stages) - 1:
+                x = activation_codec.roundtrip(x)
         total += float(lm_loss(x, y))
     return total / len(batches)

@@ -54,6 +54,7 @@ MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipem
                      "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp"]
 OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon"]
 ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw"]
+CodecName = Literal["none", "int8", "int4", "int4-hadamard"]  # pipenag.link.codec.CODECS
 
 
 @dataclass
@@ -277,10 +278,30 @@ class LinkConfig:
     """Emulated one-way latency added to every transfer between stages (dist engine)."""
     bandwidth_mbps: float = 0.0
     """Emulated link bandwidth in megabits per second (0 = unlimited)."""
+    compress_activations: CodecName = "none"
+    """Codec of the activations sent forward (pipenag.link.codec): "none", "int8" (blockwise
+    absmax), "int4" (tile-wise), "int4-hadamard" (tiles rotated first). Both engines apply the
+    same quantize -> dequantize; the runtime sends the packed bytes."""
+    compress_gradients: CodecName = "none"
+    """Codec of the gradients sent backward (the same choices)."""
+    block_size: int = 0
+    """Values per scale block of the codecs (0 = the codec's default: 64)."""
 
     def __post_init__(self) -> None:
-        _check(self.latency_ms >= 0, "link.latency_ms", self.latency_ms, "must be >= 0")
-        _check(self.bandwidth_mbps >= 0, "link.bandwidth_mbps", self.bandwidth_mbps, "must be >= 0")
+        _check(math.isfinite(self.latency_ms) and self.latency_ms >= 0, "link.latency_ms", self.latency_ms,
+               "must be a finite number >= 0")
+        _check(math.isfinite(self.bandwidth_mbps) and self.bandwidth_mbps >= 0, "link.bandwidth_mbps",
+               self.bandwidth_mbps, "must be a finite number >= 0")
+        _check_choices(self)
+        _check(self.block_size >= 0, "link.block_size", self.block_size, "must be >= 0 (0 = the codec's default)")
+        if self.block_size and (self.compress_activations != "none" or self.compress_gradients != "none"):
+            from pipenag.link.codec import make_codec
+
+            for name in {self.compress_activations, self.compress_gradients} - {"none"}:
+                try:
+                    make_codec(name, self.block_size)
+                except ValueError as e:
+                    raise ValueError(f"link.block_size={self.block_size}: {e}") from None
 
 
 @dataclass

@@ -87,6 +87,7 @@ class Sweep:
     tune_stages: int = 0  # > 0: tune each method's lr at this K only and use it at every K
     out: Path = Path("runs/sweep")
     sync: dict[str, bool] = field(default_factory=dict)  # variant label -> synchronous schedule
+    k1_controls: bool = True  # run every asynchronous variant's K = 1 control
 
     def is_sync(self, variant: Variant) -> bool:
         """Whether the variant's schedule flushes (its numbers do not depend on K)."""
@@ -129,14 +130,20 @@ def parse_list(text: str, cast, name: str) -> list:
     return values
 
 
+LIST_KEYS = ("pipeline.in_flight",)  # grid keys whose values are lists: always separated by ";"
+
+
 def parse_grid(items: list[str]) -> list[tuple[str, ...]]:
-    """["optim.momentum=0.9,0.99", "model.n_embd=32,64"] -> the cross product of overrides."""
+    """["optim.momentum=0.9,0.99", "model.n_embd=32,64"] -> the cross product of overrides.
+    Values that hold commas themselves are separated by ";" instead (always for
+    pipeline.in_flight): "pipeline.in_flight=8,6,4,1;16,11,6,1;auto"."""
     axes = []
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or key.count(".") != 1 or not values:
-            raise ValueError(f"--grid {item!r}: expected section.key=v1,v2,...")
-        axes.append([f"{key}={v}" for v in values.split(",")])
+            raise ValueError(f"--grid {item!r}: expected section.key=v1,v2,... (or v1;v2;... for list values)")
+        sep = ";" if ";" in values or key in LIST_KEYS else ","
+        axes.append([f"{key}={v}" for v in values.split(sep)])
     product: list[tuple[str, ...]] = [()]
     for axis in axes:
         product = [p + (v,) for p in product for v in axis]
@@ -196,7 +203,7 @@ def reported_runs(sweep: Sweep, chosen: dict[tuple, float]) -> list[RunSpec]:
                 lrs = [chosen[(v.label, k, g)]] if sweep.tune_lr else sweep.lrs
                 for lr in lrs:
                     for seed in sweep.seeds:
-                        for kk in ([k] if sweep.is_sync(v) or k == 1 else [k, 1]):
+                        for kk in ([k] if sweep.is_sync(v) or k == 1 or not sweep.k1_controls else [k, 1]):
                             spec = RunSpec(v, kk, seed, lr, g)
                             runs.setdefault(spec.key, spec)
     return list(runs.values())
@@ -313,7 +320,7 @@ def build_sweep(args: argparse.Namespace, cfg: Config) -> Sweep:
         cfg = cfg.with_overrides(["--run.threads=1"])
     sweep = Sweep(cfg, variants, {v.label: own.get(v.label, stages) for v in variants}, seeds,
                   lrs, parse_grid(args.grid or []), args.tune_lr, args.tune_seed, tune_stages=args.tune_stages,
-                  out=Path(args.out))
+                  out=Path(args.out), k1_controls=not args.no_k1_controls)
     for v in variants:
         for k in sweep.stages[v.label] + ([args.tune_stages] if args.tune_stages else []):
             for g in sweep.grid:
@@ -398,8 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune-stages", type=int, default=0, metavar="K",
                         help="tune each method's lr at this K only and use it at every K (one lr per method, "
                              "so the K = 1 control has the lr of every K); default: tune every (method, K)")
+    parser.add_argument("--no-k1-controls", action="store_true",
+                        help="skip the K = 1 control runs of the asynchronous methods (when another sweep has "
+                             "them, or when a variant is its base method at K = 1, as link compression is: "
+                             "one stage sends nothing)")
     parser.add_argument("--grid", action="append", metavar="SECTION.KEY=V1,V2",
-                        help="a config axis to sweep (repeatable)")
+                        help="a config axis to sweep (repeatable); separate values by ';' when they hold "
+                             "commas, e.g. 'pipeline.in_flight=8,6,4,1;16,11,6,1;auto'")
     parser.add_argument("--target", type=float,
                         help="target validation loss for tokens/time-to-target (default: the mean final "
                              "loss of gpipe)")

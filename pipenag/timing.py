@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from pipenag.schedules import Action, Schedule
 
@@ -59,6 +59,7 @@ def simulate(
     step_time: float | Sequence[float] = 0.0,
     latency: float = 0.0,
     transfer_time: float = 0.0,
+    backward_transfer_time: Optional[float] = None,
 ) -> Timeline:
     """Event-simulate `num_updates` updates of `schedule`.
 
@@ -67,6 +68,8 @@ def simulate(
             one per stage.
         latency: one-way link latency added to every transfer.
         transfer_time: time a transfer occupies its link (bytes / bandwidth).
+        backward_transfer_time: the same for the gradients sent backward, when they are
+            another size (a different codec); None = transfer_time.
     Returns:
         A Timeline with every action's start and end, the makespan, and per-stage busy time and
         utilization (busy / makespan).
@@ -77,8 +80,10 @@ def simulate(
     fwd = _per_stage(forward_time, K, "forward_time")
     bwd = _per_stage(backward_time, K, "backward_time")
     stp = _per_stage(step_time, K, "step_time")
-    if latency < 0 or transfer_time < 0:
-        raise ValueError(f"latency={latency}, transfer_time={transfer_time}: must be >= 0")
+    back_transfer = transfer_time if backward_transfer_time is None else backward_transfer_time
+    if latency < 0 or transfer_time < 0 or back_transfer < 0:
+        raise ValueError(f"latency={latency}, transfer_time={transfer_time}, backward_transfer_time="
+                         f"{backward_transfer_time}: must be >= 0")
     lists = schedule.all_actions(num_updates)
     pos = [0] * K
     clock = [0.0] * K
@@ -89,9 +94,10 @@ def simulate(
     duration = {"F": fwd, "B": bwd, "S": stp}
 
     def send(src: int, dst: int, kind: str, mb: int, t: float) -> None:
+        occupy = transfer_time if kind == "F" else back_transfer
         leave = max(t, link_free.get((src, dst), 0.0))
-        link_free[(src, dst)] = leave + transfer_time
-        arrived[(dst, kind, mb)] = leave + transfer_time + latency
+        link_free[(src, dst)] = leave + occupy
+        arrived[(dst, kind, mb)] = leave + occupy + latency
 
     remaining = sum(len(a) for a in lists)
     while remaining:
@@ -128,7 +134,8 @@ def simulate(
 
 
 def steady_utilization(schedule: Schedule, forward_time: float, backward_time: float, latency: float = 0.0,
-                       transfer_time: float = 0.0, num_microbatches: int = 0) -> float:
+                       transfer_time: float = 0.0, num_microbatches: int = 0,
+                       backward_transfer_time: Optional[float] = None) -> float:
     """The busy fraction of a stage in the steady state of an asynchronous schedule: forward +
     backward time over the period between two microbatches, measured on stage 0's backwards in
     the second half of a long event simulation (the fill and drain excluded).
@@ -144,7 +151,7 @@ def steady_utilization(schedule: Schedule, forward_time: float, backward_time: f
     n = num_microbatches or 4 * max(schedule.depths) + 40
     num_updates = max(2, -(-n // M))
     timeline = simulate(schedule, num_updates, forward_time, backward_time, latency=latency,
-                        transfer_time=transfer_time)
+                        transfer_time=transfer_time, backward_transfer_time=backward_transfer_time)
     ends = {e.action.index: e.end for e in timeline.events if e.action.stage == 0 and e.action.kind == "B"}
     last = num_updates * M - 1
     half = last // 2
@@ -167,7 +174,7 @@ AUTO_TARGET = 0.97
 
 def plan_in_flight(name: str, num_stages: int, num_microbatches: int, forward_time: float,
                    backward_time: float, latency: float, transfer_time: float,
-                   target: float = AUTO_TARGET) -> tuple[int, ...]:
+                   target: float = AUTO_TARGET, backward_transfer_time: Optional[float] = None) -> tuple[int, ...]:
     """Depths for pipeline.in_flight="auto": the smallest per-stage depths with which the timing
     model keeps every stage at >= `target` of utilization_bound in the steady state.
 
@@ -183,6 +190,8 @@ def plan_in_flight(name: str, num_stages: int, num_microbatches: int, forward_ti
         forward_time, backward_time, latency, transfer_time: as in simulate(), one value for
             every stage and link.
         target: the fraction of the bound to reach.
+        backward_transfer_time: of the gradients, when another codec makes them another size
+            (None = transfer_time).
     Returns:
         The depths d_0 >= ... >= d_{K-1} >= 1; K - k when there is no link cost at all.
     """
@@ -191,12 +200,14 @@ def plan_in_flight(name: str, num_stages: int, num_microbatches: int, forward_ti
     K, M = num_stages, num_microbatches
     if name not in ASYNC_SCHEDULES:
         return ()
-    if latency <= 0 and transfer_time <= 0:
+    back = transfer_time if backward_transfer_time is None else backward_transfer_time
+    if latency <= 0 and transfer_time <= 0 and back <= 0:
         return default_in_flight(K)
-    goal = target * utilization_bound(forward_time, backward_time, transfer_time)
+    slowest = max(transfer_time, back)
+    goal = target * utilization_bound(forward_time, backward_time, slowest)
     cap = M + 1 if name == "2bw" else None
-    cycle = max(forward_time + backward_time, transfer_time)
-    hop = latency + transfer_time
+    cycle = max(forward_time + backward_time, slowest)
+    hop = latency + (transfer_time + back) / 2
     round_trip = [(K - k) * (forward_time + backward_time) + 2 * (K - 1 - k) * hop for k in range(K)]
 
     def clamp(depths) -> tuple[int, ...]:
@@ -209,7 +220,7 @@ def plan_in_flight(name: str, num_stages: int, num_microbatches: int, forward_ti
 
     def ok(depths) -> bool:
         return steady_utilization(Schedule(name, K, M, depths), forward_time, backward_time, latency,
-                                  transfer_time) >= goal
+                                  transfer_time, backward_transfer_time=back) >= goal
 
     def little(c: float) -> tuple[int, ...]:
         return clamp([math.ceil(c * rt / cycle - 1e-9) if cycle > 0 else 1 for rt in round_trip])

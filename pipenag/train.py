@@ -23,6 +23,7 @@ from pipenag.build import build_pipeline, evaluate, memory_report
 from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.config import Config
 from pipenag.data import build_data
+from pipenag.link.messages import wire_summary
 from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, final_line, preflight, resume_mode, set_threads,
                          sim_device, validation_batches)
 
@@ -76,7 +77,8 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
             batch = [data.train.get((update - 1) * M + i) for i in range(M)]
             loss = sim.step([(x.to(device), y.to(device)) for x, y in batch])
             rec.after_step(update)
-            val = evaluate(parts.stages, val_batches) if rec.is_eval(update) and math.isfinite(loss) else None
+            val = (evaluate(parts.stages, val_batches, sim.activation_codec)
+                   if rec.is_eval(update) and math.isfinite(loss) else None)
             rec.record(update, loss, val)
             if rec.is_checkpoint(update):
                 rec.save_checkpoint(update, {"sim": sim.state_dict()})
@@ -85,7 +87,7 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
         return rec.finish("diverged", rec.last_update)
     finally:
         rec.close()
-    return rec.finish("ok", cfg.train.steps, memory=memory_report(parts))
+    return rec.finish("ok", cfg.train.steps, memory=memory_report(parts), messages=wire_summary(cfg))
 
 
 def train_main(cfg: Optional[Config], resume: Optional[str] = None, extra: Optional[list[str]] = None) -> int:

@@ -322,3 +322,12 @@ def test_dist_resume_and_restarts_with_in_flight(tmp_path, monkeypatch):
     assert_same_records(read_metrics(out), records)
     assert_same_state_dicts(dist_weights(out, 6, 3), weights)
     assert json.loads((out / "summary.json").read_text())["restarts"]["count"] == 1
+
+
+def test_sweep_grid_takes_depth_lists():
+    from pipenag.sweep import parse_grid
+
+    assert parse_grid(["pipeline.in_flight=8,6,4,1;auto;"]) == [
+        ("pipeline.in_flight=8,6,4,1",), ("pipeline.in_flight=auto",), ("pipeline.in_flight=",)]
+    assert parse_grid(["pipeline.in_flight=8,6,4,1"]) == [("pipeline.in_flight=8,6,4,1",)]
+    assert parse_grid(["optim.lr=1,2"]) == [("optim.lr=1",), ("optim.lr=2",)]

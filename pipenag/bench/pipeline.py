@@ -38,6 +38,7 @@ import torch
 
 from pipenag.bench import bench_config, bench_parser, machine_line
 from pipenag.config import Config
+from pipenag.link.messages import codecs
 from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
 from pipenag.timing import plan_in_flight, simulate
 
@@ -60,8 +61,9 @@ class SleepStage:
         self.forward_s, self.backward_s, self.shape = forward_s, backward_s, shape
 
     def _check(self, what: str, microbatch: int, t: torch.Tensor) -> None:
+        # round(): a codec on the link (link.compress_*) may return j only approximately
         got = float(t.reshape(-1)[0])
-        assert got == float(microbatch) and tuple(t.shape) == self.shape, (
+        assert round(got) == microbatch and tuple(t.shape) == self.shape, (
             f"stage {self.stage_idx}: {what} of microbatch {microbatch} carries microbatch {got}")
 
     def forward(self, microbatch: int, x: torch.Tensor, target=None) -> torch.Tensor:
@@ -82,11 +84,17 @@ class SleepStage:
         pass
 
 
+def wire_bytes(cfg: Config, numel: int) -> tuple[int, int]:
+    """Bytes on the wire of one activation and of one gradient of `numel` float32 values, after
+    the [link] codecs."""
+    return tuple(c.packed_numel(numel) if c is not None else numel * 4 for c in codecs(cfg))
+
+
 def plan(name: str, num_stages: int, num_microbatches: int, cfg: Optional[Config] = None,
-         compute_s: float = 0.0, message_bytes: int = 0) -> Schedule:
+         compute_s: float = 0.0, wire: tuple[int, int] = (0, 0)) -> Schedule:
     """The schedule a benchmark runs for `name` (M per update as the schedule allows), with
     cfg's pipeline.in_flight for the asynchronous schedules: "auto" plans the depths from the
-    [link], `message_bytes` and `compute_s` per forward and per backward."""
+    [link], the `wire` bytes (activation, gradient) and `compute_s` per forward and backward."""
     M = microbatches_per_update(name, num_stages, num_microbatches)
     depths: tuple[int, ...] = ()
     if cfg is not None and name in ASYNC_SCHEDULES:
@@ -94,8 +102,10 @@ def plan(name: str, num_stages: int, num_microbatches: int, cfg: Optional[Config
         if cfg.pipeline.in_flight == "auto":
             from pipenag.link.messages import link_times
 
-            latency, transfer = link_times(cfg, message_bytes)
-            depths = plan_in_flight(name, num_stages, M, compute_s, compute_s, latency, transfer)
+            latency, transfer = link_times(cfg, wire[0])
+            back = link_times(cfg, wire[1])[1]
+            depths = plan_in_flight(name, num_stages, M, compute_s, compute_s, latency, transfer,
+                                    backward_transfer_time=back)
     try:
         return Schedule(name, num_stages, M, depths)
     except ValueError as e:
@@ -126,13 +136,15 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
     groups = make_link_groups(K)
     link = LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps)
     shape = message_shape(args.message_kb)
+    act, grad = codecs(cfg)
     M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
     total = args.updates * M
     results = {}
     for name in args.schedules.split(","):
-        schedule = plan(name, K, M, cfg, args.compute_ms / 1e3, shape[0] * 4)
+        schedule = plan(name, K, M, cfg, args.compute_ms / 1e3, wire_bytes(cfg, shape[0]))
         stage = SleepStage(rank, K, args.compute_ms / 1e3, args.compute_ms / 1e3, shape)
-        transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s) if K > 1 else None
+        transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s, activation_codec=act,
+                              gradient_codec=grad) if K > 1 else None
         executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
                             inputs=lambda j: torch.zeros(1), targets=lambda j: torch.zeros(1))
         dist.barrier()
@@ -153,12 +165,13 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_updates: int,
-              compute_s: float, link_latency_s: float, transfer_s: float) -> dict:
+              compute_s: float, link_latency_s: float, transfer_s: float,
+              backward_transfer_s: Optional[float] = None) -> dict:
     """Throughput and utilization measured, and the event simulation's prediction."""
     wall = max(s["wall_s"] for s in stage_stats)
     total = num_updates * schedule.num_microbatches
     pred = simulate(schedule, num_updates, forward_time=compute_s, backward_time=compute_s,
-                    latency=link_latency_s, transfer_time=transfer_s)
+                    latency=link_latency_s, transfer_time=transfer_s, backward_transfer_time=backward_transfer_s)
     util = [s["compute_s"] / wall for s in stage_stats]
     # Where the time went: the extra per-message delay that makes the event model's makespan
     # equal the measured wall time (bisection; the model is monotone in the latency).
@@ -167,7 +180,8 @@ def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_update
         for _ in range(30):
             mid = (lo + hi) / 2
             model = simulate(schedule, num_updates, forward_time=compute_s, backward_time=compute_s,
-                             latency=link_latency_s + mid, transfer_time=transfer_s)
+                             latency=link_latency_s + mid, transfer_time=transfer_s,
+                             backward_transfer_time=backward_transfer_s)
             lo, hi = (mid, hi) if model.makespan < wall else (lo, mid)
     return {
         "throughput": total / wall,
@@ -186,6 +200,8 @@ def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_update
         "in_flight": list(schedule.depths) if schedule.asynchronous else None,
         "staleness": [schedule.staleness(k) for k in range(schedule.num_stages)],
         "predicted_mean_utilization": sum(pred.utilization) / len(pred.utilization),
+        "transfer_s": max(transfer_s, transfer_s if backward_transfer_s is None else backward_transfer_s),
+        "wire": [s.get("wire", {}) for s in stage_stats],
     }
 
 
@@ -212,7 +228,7 @@ def main(argv: list[str]) -> int:
     M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
     try:  # a bad pipeline.in_flight fails here, in one line, before any worker starts
         for name in names:
-            plan(name, K, M, cfg, args.compute_ms / 1e3, message_shape(args.message_kb)[0] * 4)
+            plan(name, K, M, cfg, args.compute_ms / 1e3, wire_bytes(cfg, message_shape(args.message_kb)[0]))
     except ValueError as e:
         parser.error(str(e))
     return _run(args, cfg, argv, names)
@@ -227,15 +243,17 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
     total = args.updates * M
     link = LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps)
     shape = message_shape(args.message_kb)
-    transfer_s = link.transfer_s(shape[0] * 4)
+    wire = wire_bytes(cfg, shape[0])
+    transfer_s, back_s = link.transfer_s(wire[0]), link.transfer_s(wire[1])
     print(f"pipenag bench pipeline: K={K} stages, M={M} microbatches per update (2bw: {max(M, K)}, "
           f"pipedream: 1), {args.compute_ms:g} ms per forward and per backward (sleep), {total} "
           f"microbatches per schedule ({args.updates} gpipe/1f1b updates), messages "
           f"{shape[0] * 4 / 1024:g} KiB, link latency {cfg.link.latency_ms:g} ms, bandwidth "
-          f"{cfg.link.bandwidth_mbps:g} Mbit/s (0 = unlimited)")
+          f"{cfg.link.bandwidth_mbps:g} Mbit/s (0 = unlimited); on the wire {wire[0] / 1024:g} KiB forward "
+          f"({cfg.link.compress_activations}), {wire[1] / 1024:g} KiB backward ({cfg.link.compress_gradients})")
     print(f"{machine_line()}; {K} worker processes, gloo")
     for name in names:
-        schedule = plan(name, K, M, cfg, C, shape[0] * 4)
+        schedule = plan(name, K, M, cfg, C, wire)
         if schedule.asynchronous:
             print(f"{name}: in flight per stage {list(schedule.depths)}"
                   f"{' (auto)' if cfg.pipeline.in_flight == 'auto' else ''}, staleness "
@@ -252,9 +270,9 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
     print(f"(all schedules: {time.perf_counter() - t0:.1f} s including process start)")
     report = {}
     for name in names:
-        schedule = plan(name, K, M, cfg, C, shape[0] * 4)
+        schedule = plan(name, K, M, cfg, C, wire)
         report[name] = summarize(name, raw[name], schedule, updates_for(schedule, total), C,
-                                 link.latency_s, transfer_s)
+                                 link.latency_s, transfer_s, back_s)
     print()
     print(f"{'schedule':<10} {'mb/s':>8} {'predicted':>10} {'util mean':>10} {'min':>7} {'max':>7} "
           f"{'predicted':>10} {'recv wait':>10} {'hop ms':>7} {'cpu ms':>7} {'wall s':>8}")

@@ -41,6 +41,9 @@ class Simulator:
         predict_decay: decay of PipeMare's weight-change average.
         forward_prediction: forward weight prediction's scale s (0: off; StageRunner).
         record: a list that receives a Record for every forward and backward (for tests).
+        activation_codec, gradient_codec: pipenag.link codecs (None: none) applied to every
+            activation passed forward and every gradient passed backward between stages, the
+            quantize -> dequantize that the runtime's transport applies on the wire.
 
     `step(microbatches)` takes M (input, target) pairs, runs them with exactly the weight
     versions the schedule dictates, makes one update per stage with the gradient of the mean
@@ -61,6 +64,8 @@ class Simulator:
         predict_decay: float = 0.9,
         forward_prediction: float = 0.0,
         record: Optional[list] = None,
+        activation_codec=None,
+        gradient_codec=None,
     ):
         if len(stages) < 1:
             raise ValueError("stages: need at least one stage module")
@@ -83,6 +88,7 @@ class Simulator:
             for k, module in enumerate(stages)
         ]
         self.num_updates = 0
+        self.activation_codec, self.gradient_codec = activation_codec, gradient_codec
 
     @property
     def num_microbatches(self) -> int:
@@ -99,10 +105,14 @@ class Simulator:
             mb = first + i
             for runner in self.runners:
                 x = runner.forward(mb, x, y if runner.is_last else None)
+                if not runner.is_last and self.activation_codec is not None:
+                    x = self.activation_codec.roundtrip(x)
             total += float(x)
             grad = None
             for runner in reversed(self.runners):
                 grad = runner.backward(mb, grad)
+                if not runner.is_first and self.gradient_codec is not None:
+                    grad = self.gradient_codec.roundtrip(grad)
         for runner in self.runners:
             runner.step()
         self.num_updates += 1

@@ -4,14 +4,20 @@
 print(message_bytes(load_config('configs/tiny.toml')))"
 
 An activation (and its gradient, which has the same shape) of one microbatch is
-(microbatch_size, block_size, n_embd) in the compute dtype (float32 today). The simulator, the
-runtime's link emulation and the timing model all take the message size from here, so that
-pipeline.in_flight="auto" gives the same depths in both engines.
+(microbatch_size, block_size, n_embd) in the compute dtype (float32 today), or its packed
+form when [link] compresses that direction (pipenag.link.codec). The simulator, the runtime's
+link emulation and the timing model all take the message size and the codecs from here, so
+that pipeline.in_flight="auto" gives the same depths in both engines.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 from pipenag.config import Config
+
+if TYPE_CHECKING:
+    from pipenag.link.codec import Codec
 
 ELEMENT_BYTES = 4  # float32: the dtype both engines compute and send in
 
@@ -21,10 +27,38 @@ def message_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd)
 
 
-def message_bytes(cfg: Config) -> int:
-    """Bytes of one activation (or gradient) message as it travels uncompressed."""
+def codecs(cfg: Config) -> tuple[Optional[Codec], Optional[Codec]]:
+    """(activation codec, gradient codec) of cfg's [link]; None = sent as they are."""
+    from pipenag.link.codec import make_codec
+
+    link = cfg.link
+    return make_codec(link.compress_activations, link.block_size), make_codec(link.compress_gradients, link.block_size)
+
+
+def message_bytes(cfg: Config, direction: str = "raw") -> int:
+    """Bytes of one message: "raw" (uncompressed), "activation" (forward, after its codec) or
+    "gradient" (backward, after its codec)."""
     B, T, C = message_shape(cfg)
-    return B * T * C * ELEMENT_BYTES
+    raw = B * T * C * ELEMENT_BYTES
+    if direction == "raw":
+        return raw
+    if direction not in ("activation", "gradient"):
+        raise ValueError(f"direction={direction!r}: expected raw, activation or gradient")
+    codec = codecs(cfg)[0 if direction == "activation" else 1]
+    return raw if codec is None else codec.packed_numel(B * T * C)
+
+
+def wire_summary(cfg: Config) -> dict:
+    """summary.json's account of the messages: per direction the codec, the bytes of one
+    message on the wire and the ratio to the uncompressed message."""
+    raw = message_bytes(cfg)
+    act, grad = codecs(cfg)
+    out = {}
+    for name, direction, codec in (("activations", "activation", act), ("gradients", "gradient", grad)):
+        size = message_bytes(cfg, direction)
+        out[name] = {"codec": codec.name if codec is not None else "none", "bytes_per_message": size,
+                     "raw_bytes_per_message": raw, "ratio": raw / size}
+    return out
 
 
 def link_times(cfg: Config, num_bytes: int) -> tuple[float, float]:
@@ -42,8 +76,9 @@ def auto_in_flight(cfg: Config, schedule_name: str, num_stages: int, num_microba
     """
     from pipenag.timing import plan_in_flight
 
-    latency, transfer = link_times(cfg, message_bytes(cfg))
-    if latency <= 0 and transfer <= 0:
+    latency, transfer = link_times(cfg, message_bytes(cfg, "activation"))
+    _, back = link_times(cfg, message_bytes(cfg, "gradient"))
+    if latency <= 0 and transfer <= 0 and back <= 0:
         return ()
     if cfg.pipeline.pass_ms <= 0:
         raise ValueError(
@@ -52,4 +87,4 @@ def auto_in_flight(cfg: Config, schedule_name: str, num_stages: int, num_microba
             "one stage; `pipenag bench simulator` measures it)")
     pass_s = cfg.pipeline.pass_ms / 1e3
     return plan_in_flight(schedule_name, num_stages, num_microbatches, pass_s / 3, 2 * pass_s / 3, latency,
-                          transfer)
+                          transfer, backward_transfer_time=back)

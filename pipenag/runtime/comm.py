@@ -15,6 +15,10 @@ every rank can compute from the schedule. So
 - a send is an isend whose completion is only awaited when too many are outstanding, or at the
   end, so the sender goes on computing.
 
+With a codec (pipenag.link.codec, per direction) the sender encodes each tensor and sends the
+packed bytes (integers and scales); the receiver's buffers are those bytes, decoded on receipt:
+what travels is the compressed size, and the link emulation charges that size.
+
 With a link model (latency, bandwidth) a sender thread per channel releases each message at the
 time it would arrive over that link: it leaves when the link is free, occupies it for
 bytes * 8 / bandwidth seconds and arrives `latency` later (the same model as
@@ -122,11 +126,16 @@ class Sender:
         link: the emulated link (inactive: send right away).
         timeout_s: how long to wait for one send to complete (None: the group's timeout).
         max_pending: sends left outstanding before the oldest is awaited.
+        codec: a pipenag.link codec: the packed bytes travel instead of the tensor (None: the
+            tensor as it is).
     """
 
     def __init__(self, group, dst: int, stage_idx: int, peer_stage: int, link: LinkModel,
-                 timeout_s: Optional[float], max_pending: int = 8):
+                 timeout_s: Optional[float], max_pending: int = 8, codec=None):
         self.group, self.dst = group, dst
+        self.codec = codec
+        self.bytes_sent = 0
+        self.messages_sent = 0
         self.stage_idx, self.peer_stage = stage_idx, peer_stage
         self.link, self.timeout_s = link, timeout_s
         self.max_pending = max(1, max_pending)
@@ -148,7 +157,9 @@ class Sender:
             raise self._error
         tag = self._seq & TAG_MASK
         self._seq += 1
-        tensor = tensor.contiguous()
+        tensor = self.codec.encode(tensor) if self.codec is not None else tensor.contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.messages_sent += 1
         if self._queue is None:
             self._isend(tensor, tag)
             return
@@ -213,14 +224,22 @@ class Receiver:
         shape, dtype, device: of every message.
         window: receives kept posted ahead of need.
         timeout_s: how long to wait for one message (None: the group's timeout).
+        codec: the sender's pipenag.link codec: the buffers hold its packed bytes, decoded on
+            receipt into `shape` and `dtype` (None: the buffers are the tensors).
     """
 
     def __init__(self, group, src: int, stage_idx: int, peer_stage: int, keys: Iterable[Hashable],
                  shape: Sequence[int], dtype: torch.dtype, device: torch.device, window: int,
-                 timeout_s: Optional[float]):
+                 timeout_s: Optional[float], codec=None):
         self.group, self.src = group, src
         self.stage_idx, self.peer_stage = stage_idx, peer_stage
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.codec = codec
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        # what one message is on the wire: the packed bytes, or the tensor itself
+        self._wire = ((codec.packed_numel(numel),), torch.uint8) if codec is not None else (self.shape, dtype)
         self.window = max(1, window)
         self.timeout_s = timeout_s
         self._keys: Iterator[tuple[int, Hashable]] = enumerate(keys)
@@ -233,7 +252,7 @@ class Receiver:
             return False
         seq, key = item
         assert key not in self._posted, f"message key {key!r} twice in one channel"
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        buf = torch.empty(self._wire[0], dtype=self._wire[1], device=self.device)
         try:
             work = dist.irecv(buf, self.src, group=self.group, tag=seq & TAG_MASK)
         except RuntimeError as e:  # the connection is already gone
@@ -264,6 +283,8 @@ class Receiver:
                                   f"{what} did not arrive within {self.timeout_s:g} s", self.peer_stage) from None
             raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} while waiting "
                               f"for {what} ({short_error(e)})", self.peer_stage) from None
+        if self.codec is not None:
+            return self.codec.decode(buf, self.shape, self.dtype)
         return buf
 
     @property
@@ -289,11 +310,15 @@ class Transport:
         shape, dtype, device: of every activation and gradient, e.g. (B, T, n_embd) float32.
         link: the emulated link model.
         timeout_s: for one message (None: the process group's timeout).
+        activation_codec, gradient_codec: pipenag.link codecs of the two directions (None:
+            uncompressed); every stage must use the same ones.
     """
 
     def __init__(self, stage_idx: int, num_stages: int, groups: list[tuple], shape: Sequence[int],
                  dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-                 link: LinkModel = LinkModel(), timeout_s: Optional[float] = None):
+                 link: LinkModel = LinkModel(), timeout_s: Optional[float] = None,
+                 activation_codec=None, gradient_codec=None):
+        self.activation_codec, self.gradient_codec = activation_codec, gradient_codec
         if len(groups) != num_stages - 1:
             raise ValueError(f"groups: got {len(groups)} links for {num_stages} stages")
         self.stage_idx, self.num_stages = stage_idx, num_stages
@@ -318,13 +343,15 @@ class Transport:
         if k > 0:
             fwd, bwd = self.groups[k - 1]
             self.from_prev = Receiver(fwd, k - 1, k, k - 1, keys_from_prev, self.shape, self.dtype,
-                                      self.device, window, self.timeout_s)
-            self.to_prev = Sender(bwd, k - 1, k, k - 1, self.link, self.timeout_s, max_pending)
+                                      self.device, window, self.timeout_s, self.activation_codec)
+            self.to_prev = Sender(bwd, k - 1, k, k - 1, self.link, self.timeout_s, max_pending,
+                                  self.gradient_codec)
         if k < K - 1:
             fwd, bwd = self.groups[k]
             self.from_next = Receiver(bwd, k + 1, k, k + 1, keys_from_next, self.shape, self.dtype,
-                                      self.device, window, self.timeout_s)
-            self.to_next = Sender(fwd, k + 1, k, k + 1, self.link, self.timeout_s, max_pending)
+                                      self.device, window, self.timeout_s, self.gradient_codec)
+            self.to_next = Sender(fwd, k + 1, k, k + 1, self.link, self.timeout_s, max_pending,
+                                  self.activation_codec)
 
     def refill(self) -> None:
         """Keep `window` receives posted on both incoming channels."""
@@ -337,3 +364,19 @@ class Transport:
         for sender in (self.to_next, self.to_prev):
             if sender is not None:
                 sender.close()
+
+    def wire_stats(self) -> dict:
+        """Bytes on the wire per message in each direction this stage sends (after its codec)
+        and the ratio to the uncompressed message."""
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        raw = numel * torch.empty((), dtype=self.dtype).element_size()
+        out = {}
+        for name, sender in (("activations", self.to_next), ("gradients", self.to_prev)):
+            if sender is not None and sender.messages_sent:
+                per = sender.bytes_sent / sender.messages_sent
+                out[name] = {"messages": sender.messages_sent, "bytes_per_message": per,
+                             "raw_bytes_per_message": raw, "ratio": raw / per,
+                             "codec": sender.codec.name if sender.codec is not None else "none"}
+        return out

@@ -101,6 +101,7 @@ class Stats:
     recv_wait_s: float = 0.0  # blocked waiting for a message
     send_s: float = 0.0  # handing messages to the transport, and the final flush
     counts: dict = field(default_factory=lambda: {"F": 0, "B": 0, "S": 0, "E": 0})
+    wire: dict = field(default_factory=dict)  # Transport.wire_stats(): bytes per message sent
 
     @property
     def utilization(self) -> float:
@@ -110,7 +111,8 @@ class Stats:
     def to_dict(self) -> dict:
         return {"wall_s": self.wall_s, "compute_s": self.compute_s, "eval_s": self.eval_s,
                 "recv_wait_s": self.recv_wait_s,
-                "send_s": self.send_s, "utilization": self.utilization, "counts": dict(self.counts)}
+                "send_s": self.send_s, "utilization": self.utilization, "counts": dict(self.counts),
+                "wire": dict(self.wire)}
 
 
 class Executor:
@@ -234,6 +236,7 @@ class Executor:
             t = clock()
             self.transport.close()
             st.send_s += clock() - t
+            st.wire = self.transport.wire_stats()
         st.wall_s = clock() - t_start
         return st
 

@@ -54,6 +54,10 @@ def check_supported(cfg: Config) -> None:
                          f"link.bandwidth_mbps={cfg.link.bandwidth_mbps}: torch's schedules send through "
                          "their own batch_isend_irecv, which link emulation cannot delay. Use "
                          "dist.sync_executor='own' or set both to 0")
+    if cfg.link.compress_activations != "none" or cfg.link.compress_gradients != "none":
+        raise ValueError(f"dist.sync_executor='torch' with link.compress_activations="
+                         f"{cfg.link.compress_activations!r}, link.compress_gradients={cfg.link.compress_gradients!r}: "
+                         "torch's schedules send the tensors themselves. Use dist.sync_executor='own'")
 
 
 def run_torch_schedule(st) -> dict:

@@ -39,6 +39,7 @@ from pipenag.model import lm_loss
 from pipenag.procs import die_with_parent
 from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, final_line, preflight, resume_mode, set_threads,
                          validation_batches)
+from pipenag.link.messages import codecs, message_shape, wire_summary
 from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.runtime.executor import Executor
 from pipenag.runtime.torch_pipelining import check_supported, run_torch_schedule
@@ -217,6 +218,7 @@ class StageTraining:
         return self.rec.finish(status, updates, backend=backend, sync_executor=self.cfg.dist.sync_executor,
                                link={"latency_ms": self.cfg.link.latency_ms,
                                      "bandwidth_mbps": self.cfg.link.bandwidth_mbps},
+                               messages=wire_summary(self.cfg),
                                stage_stats=stage_stats)
 
 
@@ -254,10 +256,11 @@ def _run_executor(st: StageTraining, groups, backend: str):
     cfg, k, K = st.cfg, st.stage_idx, st.num_stages
     transport = None
     if K > 1:
-        transport = Transport(k, K, groups, (cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd),
-                              torch.float32, st.device,
+        act, grad = codecs(cfg)
+        transport = Transport(k, K, groups, message_shape(cfg), torch.float32, st.device,
                               LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps),
-                              timeout_s=cfg.dist.timeout_s if backend == "gloo" else None)
+                              timeout_s=cfg.dist.timeout_s if backend == "gloo" else None,
+                              activation_codec=act, gradient_codec=grad)
     # Without stashing a stage keeps no old versions in the runtime's order, and a checkpoint
     # must let a resumed run redo the forwards in flight: drain the pipeline at checkpoints.
     drains = st.rec.checkpoint_updates() if not st.stash else set()
