@@ -8,7 +8,8 @@ For K in {4, 8} and links {none; 1 Gbit/s 5 ms; 100 Mbit/s 30 ms; 50 Mbit/s 100 
 messages, the real runtime and transport) with the pipedream schedule at the default depths
 and at in_flight=auto, and writes the measured and predicted mean utilization, the depths and
 their staleness to OUT/in_flight.json and a markdown table to OUT/in_flight.md (the table of
-docs/results/pipeline.md). `--compression` adds link.compression to every run.
+docs/results/pipeline.md). `--compression int8` compresses both directions of every run
+(link.compress_activations and link.compress_gradients).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compute-ms", type=float, default=20.0)
     parser.add_argument("--message-kb", type=float, default=512.0)
     parser.add_argument("--stages", default="4,8")
-    parser.add_argument("--compression", default="", help="link.compression for every run")
+    parser.add_argument("--compression", default="", help="codec of both directions (int8, int4, int4-hadamard)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,8 @@ def main(argv: list[str]) -> int:
         from pipenag.timing import utilization_bound
 
         rows = []
-        extra = [f"--link.compression={args.compression}"] if args.compression else []
+        extra = ([f"--link.compress_activations={args.compression}", f"--link.compress_gradients={args.compression}"]
+                 if args.compression else [])
         for K in (int(k) for k in args.stages.split(",")):
             for name, latency, bandwidth in LINKS:
                 for mode in ("default", "auto"):

@@ -414,9 +414,12 @@ def _coerce(typ, value, name: str):
         if isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name}={value!r}: expected a number") from None
+        if not math.isfinite(number):  # no setting takes inf or nan (0 or -1 mean "off" or "default")
+            raise ValueError(f"{name}={value!r}: must be a finite number")
+        return number
     if typ is str and name in _LIST_FIELDS and isinstance(value, list):
         # TOML's in_flight = [12, 9, 6, 1] (and the JSON of a saved config) -> "12,9,6,1"
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):

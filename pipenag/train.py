@@ -33,9 +33,22 @@ def load_run_config(run_dir: str | Path, extra: Optional[list[str]] = None) -> C
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"--resume {str(run_dir)!r}: no config.json there (not a pipenag run folder)")
-    cfg = Config.from_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+        cfg = Config.from_dict(saved)
+    except ValueError as e:
+        raise ValueError(f"--resume {str(run_dir)!r}: its config.json does not load ({e})") from None
     if extra:
         cfg = cfg.with_overrides(extra)
+        now = cfg.to_dict()
+        # The checkpoint holds this model, split and data order: an override of them cannot resume.
+        fixed = [f"{s}.{k}" for s in ("model", "data", "pipeline") for k in now[s] if saved[s].get(k) != now[s][k]]
+        fixed += [f"train.{k}" for k in ("seed",) if saved["train"].get(k) != now["train"][k]]
+        if fixed:
+            first = fixed[0].split(".")
+            raise ValueError(f"--resume {str(run_dir)!r}: {fixed[0]}={now[first[0]][first[1]]!r} differs from the "
+                             f"run's {saved[first[0]].get(first[1])!r}" + (f" (and {', '.join(fixed[1:4])})" if fixed[1:] else "")
+                             + "; its checkpoints hold another model, split or data order: start a new run instead")
     cfg.run.out_dir = str(run_dir)
     return cfg
 

@@ -199,16 +199,34 @@ def _read(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
+def _read_user_text(path: Path) -> str:
+    """A user's corpus file as text: UTF-8, not binary.
+
+    Raises:
+        ValueError: naming the file, for a binary file (a NUL byte) or bytes that are not UTF-8
+            (with the offset of the first bad byte).
+    """
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"data.source: {str(path)!r} is not a text file (a NUL byte at offset {nul}: binary data)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data.source: {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 # ----------------------------------------------------------------------------- local files
 
 def _folder_documents(root: Path) -> Iterator[tuple[str, str]]:
     for path in _walk_sorted(root):
         if path.suffix.lower() in TEXT_SUFFIXES:
-            yield path.relative_to(root).as_posix(), _read(path)
+            yield path.relative_to(root).as_posix(), _read_user_text(path)
 
 
 def _file_documents(path: Path, max_chars: int) -> list[tuple[str, str]]:
-    text = _read(path)
+    text = _read_user_text(path)
     if max_chars:
         text = text[:max_chars]
     return [(f"{path.name}#{i}", chunk) for i, chunk in enumerate(_chunks(text, _CHUNKS_PER_FILE))]
