@@ -137,27 +137,30 @@ def steady_utilization(schedule: Schedule, forward_time: float, backward_time: f
                        transfer_time: float = 0.0, num_microbatches: int = 0,
                        backward_transfer_time: Optional[float] = None) -> float:
     """The busy fraction of a stage in the steady state of an asynchronous schedule: forward +
-    backward time over the period between two microbatches, measured on stage 0's backwards in
-    the second half of a long event simulation (the fill and drain excluded).
+    backward time over the period between two microbatches, measured on stage 0's backwards
+    between the fill and the drain of a long event simulation. (The last d_0 backwards of stage
+    0 run back to back, with no forwards left to interleave: they must not count.)
 
     Args:
         schedule: an asynchronous Schedule (its depths set the microbatches in flight).
         forward_time, backward_time: per pass, every stage.
         latency, transfer_time: of every message, as in simulate().
-        num_microbatches: how many to simulate (0: 4 x the deepest stage + 40, enough for the
+        num_microbatches: how many to simulate (0: 6 x the deepest stage + 40, enough for the
             period to settle).
+        backward_transfer_time: as in simulate().
     """
     M = schedule.num_microbatches
-    n = num_microbatches or 4 * max(schedule.depths) + 40
+    deepest = max(schedule.depths)
+    n = max(num_microbatches or 6 * deepest + 40, 4 * deepest + 8)
     num_updates = max(2, -(-n // M))
+    total = num_updates * M
     timeline = simulate(schedule, num_updates, forward_time, backward_time, latency=latency,
                         transfer_time=transfer_time, backward_transfer_time=backward_transfer_time)
     ends = {e.action.index: e.end for e in timeline.events if e.action.stage == 0 and e.action.kind == "B"}
-    last = num_updates * M - 1
-    half = last // 2
-    if last == half or forward_time + backward_time <= 0:
+    first, last = 2 * deepest + M, total - schedule.depth(0) - M  # past the fill, before the drain
+    if last <= first or forward_time + backward_time <= 0:
         return 1.0
-    period = (ends[last] - ends[half]) / (last - half)
+    period = (ends[last] - ends[first]) / (last - first)
     return min(1.0, (forward_time + backward_time) / period) if period > 0 else 1.0
 
 
