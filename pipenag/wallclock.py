@@ -1,0 +1,300 @@
+"""Wall-clock model of a training run: calibrated per-stage costs, the link on the real bytes,
+and (optionally) stages that share fewer cores than there are stages.
+
+    python -c "from pipenag import load_config; from pipenag.wallclock import calibrate, predict; \
+cfg = load_config('configs/tiny.toml'); print(predict(cfg, calibrate(cfg)))"
+
+- `calibrate(cfg)` times the run's own StageRunners (the method's optimizer, stashing and
+  prediction included) on one process: forward, backward and optimizer step of every stage,
+  medians over a few repetitions after a warm-up, with the torch threads the run would use.
+  The result is cached per config and machine (JSON under data.cache_dir or
+  ~/.cache/pipenag/calibration), so a sweep pays for it once.
+- `predict(cfg, costs)` event-simulates the resolved schedule (pipeline.in_flight included)
+  with those costs, the [link] latency, and each direction's bytes after its codec
+  (pipenag.link.messages), and returns seconds per update in the steady state and for the
+  whole run.
+- `simulate_shared(..., cores=C)`: the same event model when the K stage processes share C < K
+  cores (as on a 2-core test machine): a stage computing while n stages compute runs at
+  min(1, C / n) of its speed (processor sharing). With C >= K it equals
+  pipenag.timing.simulate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from pipenag.config import Config
+from pipenag.schedules import Schedule
+from pipenag.timing import Event, Timeline, _per_stage, simulate
+
+CALIBRATION_VERSION = 1  # bump when what calibrate() measures changes
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds per forward and per backward of one microbatch, and per optimizer step, of
+    every stage, with the machine and threads they were measured on."""
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    step: tuple[float, ...]
+    threads: int
+    machine: str
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.forward)
+
+
+def machine_key() -> str:
+    """CPU model, core count, torch version: what the costs depend on besides the config."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__}"
+
+
+def _cache_file(cfg: Config, threads: int) -> Path:
+    d = cfg.to_dict()
+    key = {"v": CALIBRATION_VERSION, "model": d["model"], "data": {k: d["data"][k] for k in
+                                                                     ("microbatch_size", "tokenizer", "bpe_vocab_size")},
+           "pipeline": d["pipeline"], "optim": d["optim"], "threads": threads, "machine": machine_key(),
+           "device": d["run"]["device"]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path.home() / ".cache" / "pipenag"
+    return root / "calibration" / f"{digest}.json"
+
+
+def calibrate(cfg: Config, threads: int = 0, repeats: int = 8, warmup: int = 3, cache: bool = True) -> StageCosts:
+    """Time forward, backward and step of every stage of `cfg`'s pipeline on this machine.
+
+    Args:
+        cfg: the run's config (model, method, stages, microbatch).
+        threads: torch threads while timing (0: run.threads, else 1 per stage process).
+        repeats: timed repetitions (medians are kept); warmup: untimed ones first.
+        cache: read and write the cached result for this config and machine.
+    Returns:
+        The StageCosts.
+    """
+    from pipenag.build import build_pipeline
+    from pipenag.model import lm_loss  # noqa: F401  (the runners' loss)
+
+    threads = threads or cfg.run.threads or 1
+    path = _cache_file(cfg, threads)
+    if cache and path.is_file():
+        saved = json.loads(path.read_text())
+        return StageCosts(tuple(saved["forward"]), tuple(saved["backward"]), tuple(saved["step"]),
+                          saved["threads"], saved["machine"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        costs = _measure(cfg, build_pipeline, repeats, warmup)
+    finally:
+        torch.set_num_threads(before)
+    result = StageCosts(*costs, threads=threads, machine=machine_key())
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(result), indent=1) + "\n")
+    return result
+
+
+def _measure(cfg: Config, build_pipeline, repeats: int, warmup: int):
+    vocab = cfg.model.vocab_size or (256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size)
+    train_ids = torch.randint(0, vocab, (4096,)) if cfg.model.unigram_head else None
+    parts = build_pipeline(cfg, vocab, train_ids=train_ids)
+    K, M = parts.resolved.schedule.num_stages, parts.resolved.schedule.num_microbatches
+    B, T, C = cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd
+    g = torch.Generator().manual_seed(0)
+    fwd, bwd, stp = [], [], []
+    for k in range(K):
+        runner = parts.runner(k)
+        times = {"F": [], "B": [], "S": []}
+        j = 0
+        for rep in range(warmup + repeats):
+            for _ in range(M):  # one update of M microbatches, in the simulator's order for a stage
+                x = (torch.randint(0, vocab, (B, T), generator=g) if k == 0
+                     else torch.randn(B, T, C, generator=g))
+                y = torch.randint(0, vocab, (B, T), generator=g) if k == K - 1 else None
+                t0 = time.perf_counter()
+                runner.forward(j, x, y)
+                t1 = time.perf_counter()
+                runner.backward(j, None if k == K - 1 else torch.randn(B, T, C, generator=g))
+                t2 = time.perf_counter()
+                if rep >= warmup:
+                    times["F"].append(t1 - t0)
+                    times["B"].append(t2 - t1)
+                j += 1
+            t0 = time.perf_counter()
+            runner.step()
+            if rep >= warmup:
+                times["S"].append(time.perf_counter() - t0)
+        fwd.append(statistics.median(times["F"]))
+        bwd.append(statistics.median(times["B"]))
+        stp.append(statistics.median(times["S"]))
+    return tuple(fwd), tuple(bwd), tuple(stp)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What predict() returns: seconds per update in the steady state and over the whole run
+    (fill and drain included), the schedule's depths, and the per-direction link times."""
+
+    steady_s_per_update: float
+    run_s_per_update: float
+    num_updates: int
+    in_flight: tuple[int, ...]
+    latency_s: float
+    transfer_s: tuple[float, float]  # activations, gradients
+
+
+def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0) -> Prediction:
+    """The event model's wall time of `cfg` with `costs`.
+
+    Args:
+        cfg: the run's config (schedule, in_flight, [link], codecs, train.steps).
+        costs: calibrate(cfg) (one entry per stage).
+        num_updates: updates to simulate (0: train.steps, at most 400 microbatches' worth
+            beyond which the steady state is reached anyway).
+        cores: cores the stage processes share (0: one each).
+    Returns:
+        A Prediction.
+    Raises:
+        ValueError: costs for another number of stages.
+    """
+    from pipenag.link.messages import link_times, message_bytes
+    from pipenag.methods import resolve
+
+    schedule = resolve(cfg).schedule
+    K, M = schedule.num_stages, schedule.num_microbatches
+    if costs.num_stages != K:
+        raise ValueError(f"costs for {costs.num_stages} stages, the config has {K}")
+    latency, fwd_transfer = link_times(cfg, message_bytes(cfg, "activation"))
+    _, bwd_transfer = link_times(cfg, message_bytes(cfg, "gradient"))
+    n = num_updates or max(1, min(cfg.train.steps, max(8, 400 // M)))
+    timeline = simulate_shared(schedule, n, costs.forward, costs.backward, costs.step, latency, fwd_transfer,
+                               bwd_transfer, cores)
+    steady = _steady_period(timeline, schedule, n)
+    return Prediction(steady, timeline.makespan / n, n, schedule.depths if schedule.asynchronous else (),
+                      latency, (fwd_transfer, bwd_transfer))
+
+
+def _steady_period(timeline: Timeline, schedule: Schedule, num_updates: int) -> float:
+    """Seconds between two updates of the last stage in the middle of the run (the fill and the
+    drain excluded); the whole run's mean when the run is too short for that."""
+    K = schedule.num_stages
+    steps = sorted(e.end for e in timeline.events if e.action.stage == K - 1 and e.action.kind == "S")
+    skip = max(1, (max(schedule.depths) if schedule.asynchronous else K) // schedule.num_microbatches + 1)
+    first, last = skip, len(steps) - 1 - skip
+    if last - first < 2:
+        return timeline.makespan / num_updates
+    return (steps[last] - steps[first]) / (last - first)
+
+
+def simulate_shared(schedule: Schedule, num_updates: int, forward_time: float | Sequence[float] = 1.0,
+                    backward_time: float | Sequence[float] = 1.0, step_time: float | Sequence[float] = 0.0,
+                    latency: float = 0.0, transfer_time: float = 0.0,
+                    backward_transfer_time: Optional[float] = None, cores: int = 0) -> Timeline:
+    """pipenag.timing.simulate when the stages share `cores` cores (processor sharing): while n
+    stages compute, each advances at min(1, cores / n) of its speed. cores = 0 or >= K: the
+    plain model (and the same numbers)."""
+    K = schedule.num_stages
+    if cores <= 0 or cores >= K:
+        return simulate(schedule, num_updates, forward_time, backward_time, step_time, latency, transfer_time,
+                        backward_transfer_time)
+    return _processor_sharing(schedule, num_updates, forward_time, backward_time, step_time, latency,
+                              transfer_time, backward_transfer_time, cores)
+
+
+def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backward_time, step_time,
+                       latency: float, transfer_time: float, backward_transfer_time: Optional[float],
+                       cores: int) -> Timeline:
+    """The event loop of simulate_shared (tests run it with cores >= K against simulate)."""
+    K = schedule.num_stages
+    duration = {"F": _per_stage(forward_time, K, "forward_time"), "B": _per_stage(backward_time, K, "backward_time"),
+                "S": _per_stage(step_time, K, "step_time")}
+    back = transfer_time if backward_transfer_time is None else backward_transfer_time
+    lists = schedule.all_actions(num_updates)
+    pos, busy = [0] * K, [0.0] * K
+    running: dict[int, list] = {}  # stage -> [action, remaining work, start]
+    arrived: dict[tuple[int, str, int], float] = {}
+    link_free: dict[tuple[int, int], float] = {}
+    events: list[Event] = []
+    now = 0.0
+
+    def needs_input(k: int, a) -> bool:
+        return (a.kind == "F" and k > 0) or (a.kind == "B" and k < K - 1)
+
+    def send(src: int, dst: int, kind: str, mb: int, t: float) -> None:
+        occupy = transfer_time if kind == "F" else back
+        leave = max(t, link_free.get((src, dst), 0.0))
+        link_free[(src, dst)] = leave + occupy
+        arrived[(dst, kind, mb)] = leave + occupy + latency
+
+    while True:
+        for k in range(K):  # start every action whose stage is free and whose input is here
+            while k not in running and pos[k] < len(lists[k]):
+                a = lists[k][pos[k]]
+                key = (k, a.kind, a.index)
+                if needs_input(k, a) and not (key in arrived and arrived[key] <= now + 1e-12):
+                    break
+                arrived.pop(key, None)
+                pos[k] += 1
+                work = duration[a.kind][k]
+                if work <= 0:
+                    events.append(Event(a, now, now))
+                    _after(k, a, now, K, send)
+                    continue
+                running[k] = [a, work, now]
+        if not running:
+            waiting = [arrived[(k, lists[k][pos[k]].kind, lists[k][pos[k]].index)] for k in range(K)
+                       if pos[k] < len(lists[k]) and (k, lists[k][pos[k]].kind, lists[k][pos[k]].index) in arrived]
+            if not waiting:
+                if any(pos[k] < len(lists[k]) for k in range(K)):
+                    stuck = [str(lists[k][pos[k]]) for k in range(K) if pos[k] < len(lists[k])]
+                    raise RuntimeError(f"schedule {schedule.name} deadlocks at actions {stuck}")
+                break
+            now = min(waiting)
+            continue
+        rate = min(1.0, cores / len(running))
+        finish = min(r[1] for r in running.values()) / rate
+        upcoming = [t - now for t in arrived.values() if t > now + 1e-12]
+        step = min([finish] + upcoming)
+        now += step
+        done = []
+        for k, r in running.items():
+            r[1] -= step * rate
+            busy[k] += step * rate
+            if r[1] <= 1e-12:
+                done.append(k)
+        for k in done:
+            a, _, start = running.pop(k)
+            events.append(Event(a, start, now))
+            _after(k, a, now, K, send)
+    makespan = max((e.end for e in events), default=0.0)
+    events.sort(key=lambda e: (e.start, e.action.stage))
+    # busy: work done (compute time at full speed), as simulate() counts it
+    busy = [sum(duration[e.action.kind][e.action.stage] for e in events if e.action.stage == k and e.action.kind != "S")
+            for k in range(K)]
+    return Timeline(events, makespan, busy, [b / makespan if makespan > 0 else 0.0 for b in busy])
+
+
+def _after(k: int, a, t: float, K: int, send) -> None:
+    if a.kind == "F" and k < K - 1:
+        send(k, k + 1, "F", a.index, t)
+    elif a.kind == "B" and k > 0:
+        send(k, k - 1, "B", a.index, t)

@@ -1,0 +1,71 @@
+"""The wall-clock model: calibrated stage costs, the link on the real bytes, shared cores.
+
+    python -m pytest tests/test_wallclock.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import tiny_config
+from pipenag.schedules import Schedule
+from pipenag.timing import simulate
+from pipenag.wallclock import StageCosts, _processor_sharing, calibrate, predict, simulate_shared
+
+SCHEDULES = [("pipedream", 4, 1, ()), ("gpipe", 4, 4, ()), ("1f1b", 3, 2, ()), ("pipedream", 4, 1, (8, 6, 4, 1)),
+             ("2bw", 3, 3, ())]
+
+
+@pytest.mark.parametrize("name,K,M,depths", SCHEDULES)
+def test_processor_sharing_with_a_core_per_stage_is_the_plain_model(name, K, M, depths):
+    s = Schedule(name, K, M, depths)
+    f, b = [1.0, 2.0, 1.0, 1.5][:K], [2.0, 1.0, 2.0, 1.0][:K]
+    plain = simulate(s, 6, f, b, 0.3, latency=0.7, transfer_time=0.4, backward_transfer_time=0.2)
+    shared = _processor_sharing(s, 6, f, b, 0.3, 0.7, 0.4, 0.2, K)
+    assert shared.makespan == pytest.approx(plain.makespan, abs=1e-9)
+    assert {e.action: (round(e.start, 9), round(e.end, 9)) for e in shared.events} == \
+        {e.action: (round(e.start, 9), round(e.end, 9)) for e in plain.events}
+
+
+def test_two_busy_stages_on_one_core_take_twice_as_long():
+    s = Schedule("pipedream", 2, 1)
+    assert simulate_shared(s, 50, cores=1).makespan == pytest.approx(2 * simulate(s, 50).makespan, rel=0.03)
+    # a flushing schedule with bubbles loses less than 2x: only the overlapping passes share
+    g = Schedule("gpipe", 2, 4)
+    ratio = simulate_shared(g, 10, cores=1).makespan / simulate(g, 10).makespan
+    assert 1.0 < ratio < 2.0
+
+
+def test_calibrate_times_every_stage_and_caches(tmp_path):
+    cfg = tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}")
+    costs = calibrate(cfg, repeats=2, warmup=1)
+    assert costs.num_stages == 4 and costs.threads == 1
+    assert all(t > 0 for t in costs.forward + costs.backward + costs.step)
+    files = list((tmp_path / "cache" / "calibration").glob("*.json"))
+    assert len(files) == 1
+    assert calibrate(cfg, repeats=2, warmup=1) == costs  # read back from the cache, not measured again
+    other = tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}", "--pipeline.method=muon")
+    calibrate(other, repeats=1, warmup=1)
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 2  # another optimizer, another entry
+
+
+def test_predict_prices_the_link_the_codec_and_the_depths(tmp_path):
+    base = tiny_config(tmp_path / "r", "--pipeline.method=pipedream", "--train.steps=40")
+    costs = StageCosts((0.01,) * 4, (0.02,) * 4, (0.001,) * 4, 1, "test")
+    free = predict(base, costs)
+    assert free.steady_s_per_update == pytest.approx(0.031, rel=1e-6)  # F + B + S of a stage, no bubble
+    slow = predict(base.with_overrides(["--link.latency_ms=30", "--link.bandwidth_mbps=10"]), costs)
+    assert slow.steady_s_per_update > 3 * free.steady_s_per_update
+    assert slow.transfer_s[0] == pytest.approx(4 * 32 * 40 * 4 * 8 / 10e6)
+    packed = predict(base.with_overrides(["--link.latency_ms=30", "--link.bandwidth_mbps=10",
+                                          "--link.compress_activations=int8", "--link.compress_gradients=int8"]), costs)
+    assert packed.transfer_s[0] < slow.transfer_s[0] / 3.5
+    assert packed.steady_s_per_update < slow.steady_s_per_update
+    deep = predict(base.with_overrides(["--link.latency_ms=30", "--link.bandwidth_mbps=10",
+                                        "--pipeline.in_flight=12,9,6,1"]), costs)
+    assert deep.in_flight == (12, 9, 6, 1) and deep.steady_s_per_update < slow.steady_s_per_update
+    gpipe = predict(base.with_overrides(["--pipeline.method=gpipe"]), costs)
+    # gpipe, M = 4 per update: (M + K - 1) (F + B) + S per update, the flush included
+    assert gpipe.steady_s_per_update == pytest.approx(7 * 0.03 + 0.001, rel=1e-6)
+    with pytest.raises(ValueError, match="costs for 4 stages"):
+        predict(base.with_overrides(["--pipeline.num_stages=2"]), costs)
