@@ -5,20 +5,47 @@
     tensorboard --logdir runs/a/tensorboard
 
 metrics.jsonl is strict JSON: a value that is not a finite number (a diverged loss) is written
-as null, never as a bare NaN or Infinity token that other JSON readers reject.
+as null, never as a bare NaN or Infinity token that other JSON readers reject. The runtime's
+records on progress-line updates also carry `stage_times`: every stage's moving medians of its
+forward, backward and step times (milliseconds), from which find_stragglers names a slow stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 METRICS = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+STRAGGLER_RATIO = 1.5
+"""A stage whose time per microbatch exceeds this multiple of the median over stages is a straggler."""
+
+
+def find_stragglers(per_stage_ms: Sequence[Optional[float]], ratio: float = STRAGGLER_RATIO) -> dict[int, float]:
+    """The stages slower than `ratio` times the median over the stages.
+
+    Args:
+        per_stage_ms: each stage's time per microbatch (None: unknown, left out).
+        ratio: the threshold (> 1). With two stages the median is their mean, so one stage
+            must be more than ratio / (2 - ratio) times the other (3x for 1.5).
+    Returns:
+        stage -> the median it was compared with, for every straggler (empty with fewer than
+        two known stages).
+    Raises:
+        ValueError: ratio <= 1.
+    """
+    if not ratio > 1:
+        raise ValueError(f"ratio={ratio!r}: must be > 1")
+    known = [t for t in per_stage_ms if t is not None]
+    if len(known) < 2:
+        return {}
+    median = statistics.median(known)
+    return {k: median for k, t in enumerate(per_stage_ms) if t is not None and median > 0 and t > ratio * median}
 
 
 def strict_json(value):
@@ -101,6 +128,10 @@ class TensorBoardWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(key, value, step)
+        for name, values in record.get("stage_times", {}).items():  # the runtime's per-stage medians
+            for k, value in enumerate(values):
+                if value is not None:
+                    self._writer.add_scalar(f"stage_times/{name}/stage{k}", value, step)
         self._writer.flush()
 
     def close(self) -> None:

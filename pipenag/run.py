@@ -24,7 +24,8 @@ import torch
 from pipenag import atomic, faults
 from pipenag.checkpoint import CheckpointStore
 from pipenag.config import Config
-from pipenag.metrics import MetricsWriter, Progress, TensorBoardWriter, check_tensorboard, dumps, strict_json
+from pipenag.metrics import (STRAGGLER_RATIO, MetricsWriter, Progress, TensorBoardWriter, check_tensorboard, dumps,
+                             find_stragglers, strict_json)
 
 VAL_SEED = 1234
 """Seed of the fixed validation batches (the same for every run, engine and method)."""
@@ -100,7 +101,11 @@ def preflight(cfg: Config):
     from pipenag.split import partition_layers
 
     resolved = resolve(cfg)
-    partition_layers(cfg.model.n_layer, resolved.schedule.num_stages)
+    try:
+        partition_layers(cfg.model.n_layer, resolved.schedule.num_stages)
+    except ValueError as e:
+        raise ValueError(f"pipeline.num_stages={resolved.schedule.num_stages} with model.n_layer={cfg.model.n_layer}: "
+                         f"{e}") from None
     if cfg.run.tensorboard:
         check_tensorboard()
     sim_device(cfg)
@@ -124,9 +129,20 @@ def set_threads(cfg: Config, processes_per_machine: int) -> int:
     that share this machine. Both engines call it with the number of processes the runtime
     would start here (pipeline.num_stages for the simulator), so that they reduce in the same
     order and agree bit for bit. Returns the thread count."""
-    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, processes_per_machine))
+    threads = cfg.run.threads or default_threads(processes_per_machine)
     torch.set_num_threads(threads)
     return threads
+
+
+def default_threads(processes_per_machine: int) -> int:
+    """The thread count of run.threads = 0: the cores divided among the processes, at least 1.
+
+    Args:
+        processes_per_machine: processes sharing this machine's cores.
+    Returns:
+        The thread count.
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, processes_per_machine))
 
 
 def validation_batches(cfg: Config, data, device: torch.device | str = "cpu") -> list:
@@ -168,6 +184,7 @@ class Recorder:
         self.val_loss = float("nan")  # the latest validation loss
         self._t0 = time.perf_counter()
         self._writers: list = []
+        self._stragglers: set[int] = set()  # the stages named by the last straggler check
 
     # -- when -------------------------------------------------------------------------------
     def is_eval(self, update: int) -> bool:
@@ -177,6 +194,11 @@ class Recorder:
     def is_checkpoint(self, update: int) -> bool:
         t = self.cfg.train
         return update == t.steps or bool(t.checkpoint_every and update % t.checkpoint_every == 0)
+
+    def is_log(self, update: int) -> bool:
+        """Whether `update` has a progress line (train.log_every, and the last update); the
+        runtime also gathers the stage times then."""
+        return update == self.cfg.train.steps or update % max(1, self.cfg.train.log_every) == 0
 
     def eval_updates(self) -> set[int]:
         return {u for u in range(1, self.cfg.train.steps + 1) if self.is_eval(u)}
@@ -232,10 +254,16 @@ class Recorder:
         self.progress.message(f"pipenag: {self.parts.describe()}; {message}")
 
     # -- every update -----------------------------------------------------------------------
-    def record(self, update: int, train_loss: float, val_loss: Optional[float] = None) -> dict:
+    def record(self, update: int, train_loss: float, val_loss: Optional[float] = None,
+               stage_times: Optional[dict] = None) -> dict:
         """Write the record of `update` (1-based): step, tokens, train_loss, lr, time_s and
-        val_loss when given. Returns it.
+        val_loss when given, and the runtime's stage_times. Returns it.
 
+        Args:
+            update, train_loss, val_loss: the update's numbers.
+            stage_times: the runtime's moving medians {"forward_ms": [K], "backward_ms": [K],
+                "step_ms": [K]} (None for a stage not heard from): recorded, and checked for a
+                straggler (check_stragglers).
         Raises:
             NonFiniteLoss: the training loss is not finite (after the record is written).
         """
@@ -246,14 +274,40 @@ class Recorder:
         if val_loss is not None:
             rec["val_loss"] = val_loss
             self.val_loss = val_loss
+        note = ""
+        if stage_times is not None:
+            rec["stage_times"] = stage_times
+            note = self.check_stragglers(update, stage_times)
         for writer in self._writers:
             writer.write(rec)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"non-finite training loss {train_loss} at update {update}; the last good "
                                 f"checkpoint (if any) is kept in {self.out}")
         self.progress.update(update, train_loss, lr, self.per_update,
-                             f" val {val_loss:.4f}" if val_loss is not None else "")
+                             (f" val {val_loss:.4f}" if val_loss is not None else "") + note)
         return rec
+
+    def check_stragglers(self, update: int, stage_times: dict) -> str:
+        """Name the stages whose time per microbatch is more than STRAGGLER_RATIO times the
+        median over the stages: a "straggler" event in events.jsonl when a stage becomes one,
+        and the words for the progress line while it is one.
+
+        Args:
+            update: the update the times were gathered at.
+            stage_times: as for record().
+        Returns:
+            " straggler: stage k (X ms per microbatch, R x the median Y ms)" per straggler, or "".
+        """
+        per_mb = per_microbatch_ms(stage_times, self.num_microbatches)
+        found = find_stragglers(per_mb, STRAGGLER_RATIO)
+        for k, median in found.items():
+            if k not in self._stragglers:
+                log_event(self.out, {"event": "straggler", "update": update, "stage": k,
+                                     "ms_per_microbatch": round(per_mb[k], 3), "median_ms": round(median, 3),
+                                     "ratio": round(per_mb[k] / median, 3)})
+        self._stragglers = set(found)
+        return "".join(f" straggler: stage {k} ({per_mb[k]:.1f} ms per microbatch, {per_mb[k] / median:.1f}x "
+                       f"the median {median:.1f} ms)" for k, median in found.items())
 
     def save_checkpoint(self, update: int, state: dict) -> None:
         """Save this part's checkpoint of `update` (the fingerprint and clock are added)."""
@@ -310,6 +364,22 @@ class Recorder:
         if self.writes_records:
             atomic.write_text(self.out / SUMMARY, dumps(summary, indent=2) + "\n")
         return summary
+
+
+def per_microbatch_ms(stage_times: dict, num_microbatches: int) -> list[Optional[float]]:
+    """Each stage's compute time per microbatch from its moving medians: forward + backward +
+    its share of the step (one step per num_microbatches microbatches).
+
+    Args:
+        stage_times: {"forward_ms": [K], "backward_ms": [K], "step_ms": [K]} (None entries allowed).
+        num_microbatches: microbatches per update.
+    Returns:
+        K milliseconds, None for a stage whose forward or backward median is unknown.
+    """
+    out: list[Optional[float]] = []
+    for f, b, s in zip(stage_times["forward_ms"], stage_times["backward_ms"], stage_times["step_ms"]):
+        out.append(None if f is None or b is None else f + b + (s or 0.0) / num_microbatches)
+    return out
 
 
 def restarts(events: list[dict]) -> dict:

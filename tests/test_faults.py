@@ -4,8 +4,9 @@ that verify, and the same numbers as an uninterrupted run (and as the simulator)
     python -m pytest tests/test_faults.py -q
 
 Faults come from pipenag.faults (PIPENAG_FAIL=STAGE:UPDATE[:KIND], each fires once per run):
-a SIGKILL at a random update (several seeds), an exit, a hang (the timeout path), a kill while
-writing a checkpoint, two faults in one run; files damaged on disk between attempts. Every
+a SIGKILL at a random update (several seeds), an exit, a hang (the timeout path), a silent stage
+(alive, but its sends are lost: the timeout names the link), a kill while writing a checkpoint,
+two faults in one run; files damaged on disk between attempts. Every
 restarted run must end with the records (losses, lrs, validation losses) and the final weights
 of the uninterrupted run, bit for bit, and leave no process behind.
 """
@@ -27,6 +28,7 @@ from helpers import (ROOT, TINY, assert_same_records, assert_same_state_dicts, c
 from pipenag.checkpoint import SIM_PART, CheckpointStore, stage_part
 from pipenag.faults import FAIL_ENV, parse
 from pipenag.metrics import read_metrics
+from pipenag.run import read_events
 from pipenag.runtime.launch import free_port, train_dist
 from pipenag.train import train_sim
 
@@ -99,6 +101,42 @@ def test_hung_worker_times_out_and_the_run_goes_on(tmp_path, monkeypatch, refere
     summary = assert_like_uninterrupted(out, reference)
     (event,) = summary["restarts"]["events"]
     assert "stage 2 stopped answering" in event["cause"] and event["resumed_from"] == 3
+
+
+@pytest.mark.slow
+def test_silent_stage_is_named_by_its_link_killed_and_restarted(tmp_path, monkeypatch, reference):
+    """Stage 1 goes silent after update 5: alive, with its connections and receives, but it
+    never sends again. A neighbour's receive times out after dist.timeout_s with an error that
+    names the link and the message awaited; the launcher blames stage 1, kills the group (stage
+    1 included, still running: run_dist checks that no child is left) and restarts from set 3."""
+    rc, out = run_dist(tmp_path / "run", "1:5:silent", monkeypatch, "--dist.max_restarts=1", "--dist.timeout_s=3")
+    assert rc == 0
+    summary = assert_like_uninterrupted(out, reference)
+    (event,) = summary["restarts"]["events"]
+    assert event["stage"] == 1 and event["resumed_from"] == 3
+    cause = event["cause"]
+    assert "stage 1 stopped answering: nothing on the link stage 1 -> stage " in cause
+    assert ("(activations); the activation of microbatch" in cause or "(gradients); the gradient of microbatch" in cause)
+    assert "did not arrive within 3 s" in cause
+    assert "stage 1" in cause.split("; stopping ")[1]  # alive until the launcher stopped it
+
+
+@pytest.mark.slow
+def test_silent_stage_without_restarts_fails_naming_the_link(tmp_path, monkeypatch, capfd):
+    """K=2, the last stage goes silent after update 3 (it blocks before sending its next
+    gradient): stage 0 times out on the link 1 -> 0, the launcher stops stage 1, which is still
+    alive, and the run fails with status 1, blaming stage 1, with no process left."""
+    monkeypatch.setenv(FAIL_ENV, "1:3:silent")
+    cfg = make_dist_cfg(tmp_path / "run", "pipedream", 2, "--train.engine=dist", *RUN, "--dist.timeout_s=3")
+    before = children_of(os.getpid())
+    assert train_dist(cfg, start_method="fork") == 1
+    assert children_of(os.getpid()) <= before
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pipenag train: error: stage 0: stage 1 stopped answering: nothing on the link "
+                           "stage 1 -> stage 0 (gradients); the gradient of microbatch")
+    assert "did not arrive within 3 s" in last and last.endswith("; stopping stage 1")
+    (failure,) = read_events(cfg.run.out_dir)
+    assert failure["event"] == "failure" and failure["stage"] == 1 and failure["exit_status"] == 3
 
 
 @pytest.mark.slow
@@ -225,9 +263,31 @@ def test_store_keeps_the_newest_two_complete_sets_and_newer_partial_ones(tmp_pat
 
 def test_fault_specs_are_checked():
     assert [str(f) for f in parse("1:7:kill, 0:3")] == ["1:7:kill", "0:3:exit"]
-    for bad in ("1", "a:3", "1:3:explode", "1:2:kill:x"):
+    assert [str(f) for f in parse("1:3:silent,2:1:slow,0:2:slow:45")] == ["1:3:silent", "2:1:slow:20", "0:2:slow:45"]
+    assert parse("0:2:slow:45")[0].ms == 45.0
+    for bad in ("1", "a:3", "1:3:explode", "1:2:kill:x", "1:3:silent:5", "1:3:slow:x", "1:3:slow:-1",
+                "1:3:slow:nan", "1:3:slow:5:5"):
         with pytest.raises(ValueError, match=FAIL_ENV):
             parse(bad)
+
+
+def test_silent_and_slow_act_only_in_the_stage_they_fired_in(tmp_path, monkeypatch):
+    """after_update starts a due silent or slow fault for a runtime stage (in this process),
+    records it as fired, and the simulator (stage None) ignores both kinds."""
+    from pipenag import faults
+
+    monkeypatch.setattr(faults, "_silent", set())
+    monkeypatch.setattr(faults, "_slow_s", {})
+    monkeypatch.setenv(FAIL_ENV, "1:2:silent,0:2:slow:30")
+    faults.after_update(tmp_path, None, 2)  # the simulator: nothing happens, nothing fires
+    assert not (tmp_path / faults.FIRED).exists()
+    faults.after_update(tmp_path, 1, 1)
+    assert not faults.is_silent(1)
+    faults.after_update(tmp_path, 1, 2)
+    faults.after_update(tmp_path, 0, 2)
+    assert faults.is_silent(1) and not faults.is_silent(0)
+    assert faults.extra_pass_s(0) == pytest.approx(0.030) and faults.extra_pass_s(1) == 0.0
+    assert (tmp_path / faults.FIRED).read_text().split() == ["1:2:silent", "0:2:slow:30"]
 
 
 # -- torchrun and the thread rule ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     pipenag bench pipeline --stages 8 --microbatches 4 --compute-ms 20 --updates 100 --json
     pipenag bench pipeline --stages 4 --link.latency_ms=20 --link.bandwidth_mbps=100
+    pipenag bench pipeline --stages 4 --stage-ms 20,20,40,20 --updates 50      # a straggler
 
 K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.runtime.executor) and
 transport under each schedule, one after another with a barrier in between. A stage sleeps
@@ -19,6 +20,12 @@ rest went (receive waits, sends), and the event-simulation prediction (pipenag.t
 for the same setting. Then the ratios asynchronous/synchronous beside the ideal bubble model
 (M+K-1)/M. With --json the last line is one JSON object: schedule -> {"throughput": ...,
 "utilization": [...], ...}.
+
+A straggler: `--stage-ms A,B,...` (one value per stage) sets each stage's sleep per forward and
+per backward instead of --compute-ms. Every schedule then also runs with all stages at the median
+of those values (the same pipeline without its straggler), and the report adds what the
+straggler costs: 1 - throughput / throughput without it, measured and predicted by the event
+model (`straggler_cost`); under "straggler_cost" in the JSON.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -82,6 +90,59 @@ class SleepStage:
 
     def step(self) -> None:
         pass
+
+
+def parse_stage_ms(text: str, num_stages: int) -> list[float]:
+    """The per-stage compute milliseconds of --stage-ms.
+
+    Args:
+        text: comma-separated milliseconds, e.g. "20,20,40,20".
+        num_stages: the pipeline's stages; one value per stage is needed.
+    Returns:
+        The values.
+    Raises:
+        ValueError: a value that is not a number >= 0, or not one value per stage (named).
+    """
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [float(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--stage-ms={text!r}: not comma-separated milliseconds (e.g. 20,20,40,20)") from None
+    if len(values) != num_stages:
+        raise ValueError(f"--stage-ms={text!r}: {len(values)} value(s) for {num_stages} stages; give one per stage")
+    if any(not 0 <= v < math.inf for v in values):
+        raise ValueError(f"--stage-ms={text!r}: every value must be a number of milliseconds >= 0")
+    return values
+
+
+def uniform_stage_s(stage_s: Sequence[float]) -> list[float]:
+    """The same pipeline without its straggler: every stage at the median of the stage times."""
+    return [statistics.median(stage_s)] * len(stage_s)
+
+
+def straggler_cost(schedule: Schedule, num_updates: int, stage_s: Sequence[float],
+                   baseline_s: Optional[Sequence[float]] = None, latency: float = 0.0,
+                   transfer_time: float = 0.0, backward_transfer_time: Optional[float] = None) -> dict:
+    """What per-stage compute times cost against a baseline, by the event model.
+
+    Args:
+        schedule, num_updates: what runs.
+        stage_s: each stage's seconds per forward and per backward.
+        baseline_s: the times to compare with (None: uniform_stage_s(stage_s)).
+        latency, transfer_time, backward_transfer_time: the link, as for pipenag.timing.simulate.
+    Returns:
+        {"predicted_throughput", "predicted_uniform_throughput" (microbatches per second),
+        "predicted_cost": 1 - the first / the second}.
+    """
+    baseline_s = uniform_stage_s(stage_s) if baseline_s is None else list(baseline_s)
+    total = num_updates * schedule.num_microbatches
+    rates = []
+    for times in (stage_s, baseline_s):
+        t = simulate(schedule, num_updates, forward_time=list(times), backward_time=list(times), latency=latency,
+                     transfer_time=transfer_time, backward_transfer_time=backward_transfer_time).makespan
+        rates.append(total / t if t > 0 else float("inf"))
+    cost = 1 - rates[0] / rates[1] if math.isfinite(rates[1]) and rates[1] > 0 else 0.0
+    return {"predicted_throughput": rates[0], "predicted_uniform_throughput": rates[1], "predicted_cost": cost}
 
 
 def wire_bytes(cfg: Config, numel: int) -> tuple[int, int]:
@@ -139,21 +200,24 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
     act, grad = codecs(cfg)
     M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
     total = args.updates * M
+    stage_s = _stage_s(args, K)
+    runs = [("", stage_s)] + ([(UNIFORM, uniform_stage_s(stage_s))] if args.stage_ms else [])
     results = {}
     for name in args.schedules.split(","):
-        schedule = plan(name, K, M, cfg, args.compute_ms / 1e3, wire_bytes(cfg, shape[0]))
-        stage = SleepStage(rank, K, args.compute_ms / 1e3, args.compute_ms / 1e3, shape)
-        transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s, activation_codec=act,
-                              gradient_codec=grad) if K > 1 else None
-        executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
-                            inputs=lambda j: torch.zeros(1), targets=lambda j: torch.zeros(1))
-        dist.barrier()
-        cpu0 = time.process_time()
-        stats = executor.run().to_dict()
-        stats["cpu_s"] = time.process_time() - cpu0  # all threads of the process (gloo's too)
-        everyone: list = [None] * K
-        dist.all_gather_object(everyone, stats)
-        results[name] = everyone
+        schedule = plan(name, K, M, cfg, max(stage_s), wire_bytes(cfg, shape[0]))
+        for suffix, times in runs:  # with the straggler, then (with --stage-ms) without it
+            stage = SleepStage(rank, K, times[rank], times[rank], shape)
+            transport = Transport(rank, K, groups, shape, link=link, timeout_s=timeout_s, activation_codec=act,
+                                  gradient_codec=grad) if K > 1 else None
+            executor = Executor(stage, schedule, rank, transport, updates_for(schedule, total),
+                                inputs=lambda j: torch.zeros(1), targets=lambda j: torch.zeros(1))
+            dist.barrier()
+            cpu0 = time.process_time()
+            stats = executor.run().to_dict()
+            stats["cpu_s"] = time.process_time() - cpu0  # all threads of the process (gloo's too)
+            everyone: list = [None] * K
+            dist.all_gather_object(everyone, stats)
+            results[name + suffix] = everyone
     if rank == 0:
         Path(args.result).write_text(json.dumps(results))
     dist.barrier()
@@ -161,13 +225,34 @@ def _worker(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+UNIFORM = "@uniform"  # result key suffix of a schedule's run without the straggler
+
+
+def _stage_s(args: argparse.Namespace, num_stages: int) -> list[float]:
+    """Seconds per forward and per backward of each stage: --stage-ms, else --compute-ms."""
+    if args.stage_ms:
+        return [ms / 1e3 for ms in parse_stage_ms(args.stage_ms, num_stages)]
+    return [args.compute_ms / 1e3] * num_stages
+
+
 # -- the report ----------------------------------------------------------------------------------
 
 
 def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_updates: int,
-              compute_s: float, link_latency_s: float, transfer_s: float,
+              compute_s: float | Sequence[float], link_latency_s: float, transfer_s: float,
               backward_transfer_s: Optional[float] = None) -> dict:
-    """Throughput and utilization measured, and the event simulation's prediction."""
+    """Throughput and utilization measured, and the event simulation's prediction.
+
+    Args:
+        name: the schedule's name.
+        stage_stats: every stage's executor Stats.to_dict() (with cpu_s).
+        schedule, num_updates: what ran.
+        compute_s: seconds per forward and per backward, one value or one per stage.
+        link_latency_s, transfer_s, backward_transfer_s: the emulated link.
+    Returns:
+        The report of the schedule (see the module docstring).
+    """
+    compute_s = compute_s if isinstance(compute_s, (int, float)) else list(compute_s)
     wall = max(s["wall_s"] for s in stage_stats)
     total = num_updates * schedule.num_microbatches
     pred = simulate(schedule, num_updates, forward_time=compute_s, backward_time=compute_s,
@@ -208,6 +293,9 @@ def summarize(name: str, stage_stats: list[dict], schedule: Schedule, num_update
 def main(argv: list[str]) -> int:
     parser = bench_parser("pipenag bench pipeline", __doc__)
     parser.add_argument("--compute-ms", type=float, default=20.0, help="sleep per forward and per backward")
+    parser.add_argument("--stage-ms", default="",
+                        help="per-stage sleep per forward and per backward, one value per stage (e.g. 20,20,40,20): "
+                             "a straggler; overrides --compute-ms and adds a run without it")
     parser.add_argument("--updates", type=int, default=100,
                         help="updates of gpipe/1f1b; every schedule runs updates x M microbatches")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
@@ -226,9 +314,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"--updates={args.updates} must be >= 1 and --compute-ms={args.compute_ms} >= 0")
     K = cfg.pipeline.num_stages
     M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
-    try:  # a bad pipeline.in_flight fails here, in one line, before any worker starts
+    try:  # a bad --stage-ms or pipeline.in_flight fails here, in one line, before any worker starts
+        stage_s = _stage_s(args, K)
         for name in names:
-            plan(name, K, M, cfg, args.compute_ms / 1e3, wire_bytes(cfg, message_shape(args.message_kb)[0]))
+            plan(name, K, M, cfg, max(stage_s), wire_bytes(cfg, message_shape(args.message_kb)[0]))
     except ValueError as e:
         parser.error(str(e))
     return _run(args, cfg, argv, names)
@@ -238,15 +327,20 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
     from pipenag.runtime.comm import LinkModel
     from pipenag.runtime.launch import launch_local
 
-    K, C = cfg.pipeline.num_stages, args.compute_ms / 1e3
+    K = cfg.pipeline.num_stages
+    stage_s = _stage_s(args, K)
+    C = max(stage_s)  # what plans pipeline.in_flight = "auto": the slowest stage
     M = microbatches_per_update("gpipe", K, cfg.pipeline.num_microbatches)
     total = args.updates * M
     link = LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps)
     shape = message_shape(args.message_kb)
     wire = wire_bytes(cfg, shape[0])
     transfer_s, back_s = link.transfer_s(wire[0]), link.transfer_s(wire[1])
+    compute_words = (f"{args.compute_ms:g} ms" if not args.stage_ms else
+                     f"per stage {','.join(f'{t * 1e3:g}' for t in stage_s)} ms (a straggler; also run with "
+                     f"every stage at {uniform_stage_s(stage_s)[0] * 1e3:g} ms)")
     print(f"pipenag bench pipeline: K={K} stages, M={M} microbatches per update (2bw: {max(M, K)}, "
-          f"pipedream: 1), {args.compute_ms:g} ms per forward and per backward (sleep), {total} "
+          f"pipedream: 1), {compute_words} per forward and per backward (sleep), {total} "
           f"microbatches per schedule ({args.updates} gpipe/1f1b updates), messages "
           f"{shape[0] * 4 / 1024:g} KiB, link latency {cfg.link.latency_ms:g} ms, bandwidth "
           f"{cfg.link.bandwidth_mbps:g} Mbit/s (0 = unlimited); on the wire {wire[0] / 1024:g} KiB forward "
@@ -271,8 +365,16 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
     report = {}
     for name in names:
         schedule = plan(name, K, M, cfg, C, wire)
-        report[name] = summarize(name, raw[name], schedule, updates_for(schedule, total), C,
+        report[name] = summarize(name, raw[name], schedule, updates_for(schedule, total), stage_s,
                                  link.latency_s, transfer_s, back_s)
+        if args.stage_ms:
+            uniform = summarize(name, raw[name + UNIFORM], schedule, updates_for(schedule, total),
+                                uniform_stage_s(stage_s), link.latency_s, transfer_s, back_s)
+            cost = straggler_cost(schedule, updates_for(schedule, total), stage_s, latency=link.latency_s,
+                                  transfer_time=transfer_s, backward_transfer_time=back_s)
+            report[name]["uniform"] = uniform
+            report[name]["straggler_cost"] = {"measured": 1 - report[name]["throughput"] / uniform["throughput"],
+                                              "predicted": cost["predicted_cost"]}
     print()
     print(f"{'schedule':<10} {'mb/s':>8} {'predicted':>10} {'util mean':>10} {'min':>7} {'max':>7} "
           f"{'predicted':>10} {'recv wait':>10} {'hop ms':>7} {'cpu ms':>7} {'wall s':>8}")
@@ -288,6 +390,15 @@ def _run(args: argparse.Namespace, cfg: Config, argv: list[str], names: list[str
           "recv wait: mean share of the wall time blocked on a message; hop ms: the per-message delay "
           "that makes the event model match the measured wall time; cpu ms: CPU time per pass and "
           "stage, all threads, sleep excluded)")
+    if args.stage_ms:
+        print()
+        print(f"{'straggler':<10} {'mb/s':>8} {'without':>8} {'cost':>7} {'predicted':>10} {'without':>8} {'cost':>7}")
+        for name in names:
+            r, u, c = report[name], report[name]["uniform"], report[name]["straggler_cost"]
+            print(f"{name:<10} {r['throughput']:>8.2f} {u['throughput']:>8.2f} {c['measured']:>7.1%} "
+                  f"{r['predicted_throughput']:>10.2f} {u['predicted_throughput']:>8.2f} {c['predicted']:>7.1%}")
+        print("(without: every stage at the median of --stage-ms; cost: 1 - throughput / throughput without the "
+              "straggler, measured and by pipenag.timing.simulate)")
     ideal = (M + K - 1) / M
     lines = []
     for a in [n for n in names if n in ASYNC_SCHEDULES]:

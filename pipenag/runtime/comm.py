@@ -51,11 +51,14 @@ class PeerFailure(RuntimeError):
     Args:
         message: what happened, naming both stages.
         peer_stage: the neighbour that failed.
+        timed_out: the neighbour sent nothing for the timeout (hung or silent), as opposed to
+            a closed connection; the launcher blames such a neighbour first.
     """
 
-    def __init__(self, message: str, peer_stage: int):
+    def __init__(self, message: str, peer_stage: int, timed_out: bool = False):
         super().__init__(message)
         self.peer_stage = peer_stage
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,13 @@ class Receiver:
         except RuntimeError as e:
             what = describe_key(key)
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-                raise PeerFailure(f"stage {self.stage_idx}: stage {self.peer_stage} stopped answering: "
-                                  f"{what} did not arrive within {self.timeout_s:g} s", self.peer_stage) from None
+                # Name the link, not only the peer: a peer that is alive but silent (its
+                # process and connections up, its sends lost) looks exactly like this.
+                direction = "activations" if self.peer_stage < self.stage_idx else "gradients"
+                raise PeerFailure(f"stage {self.stage_idx}: stage {self.peer_stage} stopped answering: nothing on "
+                                  f"the link stage {self.peer_stage} -> stage {self.stage_idx} ({direction}); {what} "
+                                  f"did not arrive within {self.timeout_s:g} s", self.peer_stage,
+                                  timed_out=True) from None
             raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} while waiting "
                               f"for {what} ({short_error(e)})", self.peer_stage) from None
         if self.codec is not None:

@@ -27,7 +27,9 @@ of the simulator, and no stage waits for a global barrier.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Hashable, Iterator, Optional, Sequence, Union
 
@@ -49,6 +51,9 @@ class Eval:
 
 
 Item = Union[Action, Eval]
+
+MEDIAN_WINDOW = 32
+"""Passes per kind (forward, backward, step) in a stage's moving median of its compute times."""
 
 
 def build_program(schedule: Schedule, stage_idx: int, num_updates: int, start_update: int = 0,
@@ -102,6 +107,19 @@ class Stats:
     send_s: float = 0.0  # handing messages to the transport, and the final flush
     counts: dict = field(default_factory=lambda: {"F": 0, "B": 0, "S": 0, "E": 0})
     wire: dict = field(default_factory=dict)  # Transport.wire_stats(): bytes per message sent
+    # The last MEDIAN_WINDOW compute times of each kind: a median over a window follows a stage
+    # that turns slow, and one slow pass (a page fault, the first pass) does not move it.
+    recent: dict = field(default_factory=lambda: {k: deque(maxlen=MEDIAN_WINDOW) for k in "FBS"})
+
+    def medians_ms(self) -> dict:
+        """The moving medians of this stage's compute times.
+
+        Returns:
+            {"forward_ms", "backward_ms", "step_ms"}: the median of the last MEDIAN_WINDOW
+            passes of each kind in milliseconds, None for a kind not run yet.
+        """
+        return {name: (statistics.median(self.recent[kind]) * 1e3 if self.recent[kind] else None)
+                for kind, name in (("F", "forward_ms"), ("B", "backward_ms"), ("S", "step_ms"))}
 
     @property
     def utilization(self) -> float:
@@ -112,7 +130,7 @@ class Stats:
         return {"wall_s": self.wall_s, "compute_s": self.compute_s, "eval_s": self.eval_s,
                 "recv_wait_s": self.recv_wait_s,
                 "send_s": self.send_s, "utilization": self.utilization, "counts": dict(self.counts),
-                "wire": dict(self.wire)}
+                "wire": dict(self.wire), "median_ms": self.medians_ms()}
 
 
 class Executor:
@@ -137,6 +155,10 @@ class Executor:
         window: receives posted ahead per incoming channel.
         max_pending: outstanding sends per outgoing channel.
         clock: the timer.
+        muted: () -> True once the stage must never send again: it blocks forever at its next
+            send (pipenag.faults silent).
+        pass_delay_s: () -> extra seconds to sleep in every forward and backward, counted as
+            compute (pipenag.faults slow).
     """
 
     def __init__(self, stage, schedule: Schedule, stage_idx: int, transport: Optional[Transport],
@@ -149,7 +171,8 @@ class Executor:
                  eval_forward: Optional[Callable] = None,
                  on_loss: Optional[Callable[[int, torch.Tensor], None]] = None,
                  after_update: Optional[Callable[[int, Optional[float]], None]] = None,
-                 window: int = 0, max_pending: int = 0, clock: Callable[[], float] = time.perf_counter):
+                 window: int = 0, max_pending: int = 0, clock: Callable[[], float] = time.perf_counter,
+                 muted: Optional[Callable[[], bool]] = None, pass_delay_s: Optional[Callable[[], float]] = None):
         K = schedule.num_stages
         if not 0 <= stage_idx < K:
             raise ValueError(f"stage_idx={stage_idx}: must be in [0, {K})")
@@ -171,6 +194,8 @@ class Executor:
         self.num_eval, self.eval_forward = num_eval, eval_forward
         self.on_loss, self.after_update = on_loss, after_update
         self.clock = clock
+        self._muted = muted or (lambda: False)
+        self._pass_delay_s = pass_delay_s or (lambda: 0.0)
         eval_updates, drain_updates = set(eval_updates), set(drain_updates)
 
         def program(k: int) -> list[Item]:
@@ -210,7 +235,8 @@ class Executor:
                 y = self.targets(j) if self.last else None
                 t = clock()
                 out = self.stage.forward(j, x, y)
-                st.compute_s += clock() - t
+                self._slow_down()
+                st.compute_s += self._timed("F", clock() - t)
                 if self.last:
                     if self.on_loss is not None:
                         self.on_loss(j, out)
@@ -220,13 +246,14 @@ class Executor:
                 g = None if self.last else self._recv_next(("B", j))
                 t = clock()
                 g_in = self.stage.backward(j, g)
-                st.compute_s += clock() - t
+                self._slow_down()
+                st.compute_s += self._timed("B", clock() - t)
                 if not self.first:
                     self._send_prev(g_in)
             else:
                 t = clock()
                 self.stage.step()
-                st.compute_s += clock() - t
+                st.compute_s += self._timed("S", clock() - t)
                 if self.after_update is not None and j + 1 not in self._evals:
                     self.after_update(j + 1, None)
             st.counts[item.kind] += 1
@@ -262,6 +289,28 @@ class Executor:
         self.stats.recv_wait_s = wait0
         return total / self.num_eval if self.last else None
 
+    def _timed(self, kind: str, seconds: float) -> float:
+        """Keep a pass's compute time for the moving median; returns it."""
+        self.stats.recent[kind].append(seconds)
+        return seconds
+
+    def _slow_down(self) -> None:
+        delay = self._pass_delay_s()
+        if delay > 0:
+            time.sleep(delay)
+
+    @staticmethod
+    def _block_forever() -> None:
+        # A silent stage never sends again but keeps its process, its connections and its
+        # posted receives. Blocking (rather than dropping the message and computing on) means
+        # it never starves and times out itself, so only its neighbours report, naming it.
+        while True:
+            time.sleep(3600)
+
+    def medians_ms(self) -> dict:
+        """The stage's moving medians so far (Stats.medians_ms): forward_ms, backward_ms, step_ms."""
+        return self.stats.medians_ms()
+
     # -- communication with timing ------------------------------------------------------------
     def _recv_prev(self, key) -> torch.Tensor:
         t = self.clock()
@@ -276,11 +325,15 @@ class Executor:
         return g
 
     def _send_next(self, tensor: torch.Tensor) -> None:
+        if self._muted():
+            self._block_forever()
         t = self.clock()
         self.transport.to_next.send(tensor)
         self.stats.send_s += self.clock() - t
 
     def _send_prev(self, tensor: torch.Tensor) -> None:
+        if self._muted():
+            self._block_forever()
         t = self.clock()
         self.transport.to_prev.send(tensor)
         self.stats.send_s += self.clock() - t

@@ -261,10 +261,14 @@ def _supervise(procs: list, errdir: str, describe: Callable[[int], str]) -> Opti
     running = {r for r, c in enumerate(codes) if c is None}
 
     def blame(r: int) -> tuple:
-        # First a process that failed on its own (a signal, an error); then one that lost a
-        # neighbour which is still running (it hangs); then the lowest rank.
-        peer = reports[r].get("peer_stage")
-        return (codes[r] == EXIT_PEER, peer not in running, r)
+        # First a process that failed on its own (a signal, an error); then one whose
+        # neighbour is still running (hung or silent: a stage that is only starved fails too,
+        # and a report naming it is one hop off); among those, a receive timeout before a lost
+        # connection, the earliest first; then the lowest rank.
+        report = reports[r]
+        timed_out = bool(report.get("timed_out"))
+        return (codes[r] == EXIT_PEER, report.get("peer_stage") not in running, not timed_out,
+                report.get("time", 0.0) if timed_out else 0.0, r)
 
     failed.sort(key=blame)
     first = failed[0]
@@ -274,7 +278,9 @@ def _supervise(procs: list, errdir: str, describe: Callable[[int], str]) -> Opti
         msg += f"; then {', '.join(others)} failed"
     if running:
         msg += f"; stopping {', '.join(describe(r) for r in sorted(running))}"
-    return {"stage": first, "exit_status": codes[first], "cause": msg}
+    # The stage at fault: for a timeout, the neighbour that stopped sending, not the reporter.
+    stage = reports[first]["peer_stage"] if codes[first] == EXIT_PEER and reports[first].get("timed_out") else first
+    return {"stage": stage, "exit_status": codes[first], "cause": msg}
 
 
 def _report(errdir: str, rank: int) -> dict:

@@ -15,8 +15,13 @@ non-finite (last stage); 1 any other error. A failing worker prints one line nam
 and leaves with os._exit, so no thread or half-closed connection keeps it alive.
 
 Testing hook: PIPENAG_FAIL=STAGE:UPDATE[:KIND] makes that stage fail right after its step
-creating version UPDATE (exit with status 17, SIGKILL itself, hang, or die while writing its
-checkpoint; pipenag.faults).
+creating version UPDATE (exit with status 17, SIGKILL itself, hang, die while writing its
+checkpoint, go silent, or turn slow; pipenag.faults).
+
+Stage times: every stage keeps moving medians of its forward, backward and step times (the
+executor measures them). On the updates with a progress line (train.log_every) each stage puts
+its medians into the rendezvous store (MASTER_ADDR:MASTER_PORT, which every machine reaches),
+and the last stage reads them there for its record: no barrier, no extra message on a link.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,12 +39,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pipenag import faults
 from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
 from pipenag.model import lm_loss
 from pipenag.procs import die_with_parent
-from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, final_line, preflight, resume_mode, set_threads,
-                         validation_batches)
+from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, default_threads, final_line, preflight, resume_mode,
+                         set_threads, validation_batches)
 from pipenag.link.messages import codecs, message_shape, wire_summary
 from pipenag.runtime.comm import LinkModel, PeerFailure, Transport, make_link_groups
 from pipenag.runtime.executor import Executor
@@ -82,15 +89,16 @@ def backend_and_device(cfg: Config, local_rank: int) -> tuple[str, torch.device]
     return backend, torch.device("cpu")
 
 
-def _fail(message: str, code: int, peer_stage: Optional[int] = None) -> None:
-    """Report one line (stderr, and the launcher's error file with the neighbour blamed) and
-    leave at once."""
+def _fail(message: str, code: int, peer_stage: Optional[int] = None, timed_out: bool = False) -> None:
+    """Report one line (stderr, and the launcher's error file with the neighbour blamed, whether
+    it timed out, and when) and leave at once."""
     print(f"pipenag train: error: {message}", file=sys.stderr, flush=True)
     errdir = os.environ.get(ERRDIR_ENV)
     if errdir:
         try:
             Path(errdir, f"rank{os.environ.get('RANK', '0')}.json").write_text(
-                json.dumps({"message": message, "peer_stage": peer_stage}))
+                json.dumps({"message": message, "peer_stage": peer_stage, "timed_out": timed_out,
+                            "time": time.time()}))
         except OSError:
             pass
     sys.stdout.flush()
@@ -124,7 +132,14 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
         check_same_run(cfg)
     _die_with_parent()
     backend, device = backend_and_device(cfg, env.local_rank)
-    set_threads(cfg, env.local_world_size)
+    threads = set_threads(cfg, env.local_world_size)
+    if cfg.run.threads == 0 and env.local_world_size != env.world_size and env.local_rank == 0:
+        # Several machines: the simulator divides the cores by all K stages, a worker by the
+        # processes on its machine, so the reduction order (and the last bits) can differ.
+        print(f"pipenag: warning: run.threads=0 with {env.local_world_size} of {env.world_size} processes on "
+              f"this machine: {threads} torch thread(s) each, the simulator would use "
+              f"{default_threads(env.world_size)}; set run.threads (e.g. --run.threads=1) for numbers "
+              "that equal the simulator's bit for bit", file=sys.stderr, flush=True)
     k = env.rank
     try:
         if device.type == "cuda":
@@ -132,10 +147,10 @@ def run_worker(cfg: Config, resume: bool, env: Optional[DistEnv] = None) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s),
                                 rank=env.rank, world_size=env.world_size, store=_restart_store(env, cfg),
                                 device_id=device if device.type == "cuda" else None)
-        _train(cfg, resume, k, backend, device)
+        _train(cfg, resume, k, backend, device, _times_store(env, cfg))
         dist.destroy_process_group()
     except PeerFailure as e:
-        _fail(str(e), EXIT_PEER, e.peer_stage)
+        _fail(str(e), EXIT_PEER, e.peer_stage, e.timed_out)
     except NonFiniteLoss as e:
         _fail(f"stage {k}: {e}", EXIT_DIVERGED)
     except BaseException as e:  # noqa: BLE001 - every failure must end this process
@@ -158,6 +173,22 @@ def _restart_store(env: DistEnv, cfg: Config):
     return dist.PrefixStore(f"pipenag/attempt{restart}/", store)
 
 
+def _times_store(env: DistEnv, cfg: Config):
+    """A client of the rendezvous store for the stage times (None when it cannot be reached:
+    the times are a report, never a reason to stop training). Called after the process group
+    is up, so the store's server (rank 0's, or torchrun's agent's) is there."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False,
+                              timeout=timedelta(seconds=min(cfg.dist.timeout_s, 10.0)))
+    except Exception:  # noqa: BLE001 - any store error only costs the report
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"pipenag/attempt{restart}/stage_times/", store)
+
+
 class StageTraining:
     """One stage's training in the runtime: its StageRunner, its Recorder, and the callbacks
     either executor calls (on_loss, eval_forward, after_update).
@@ -166,9 +197,10 @@ class StageTraining:
         cfg, parts, data: the run's config, PipelineParts and DataBundle.
         stage_idx: this process's stage (= rank).
         device: where the stage lives.
+        times_store: a store every stage reaches, for the stage times (None: no stage times).
     """
 
-    def __init__(self, cfg: Config, parts, data, stage_idx: int, device: torch.device):
+    def __init__(self, cfg: Config, parts, data, stage_idx: int, device: torch.device, times_store=None):
         K = parts.resolved.schedule.num_stages
         self.cfg, self.data, self.device = cfg, data, device
         self.stage_idx, self.num_stages = stage_idx, K
@@ -181,6 +213,8 @@ class StageTraining:
                             stage_idx=stage_idx)
         self.val_batches = validation_batches(cfg, data)
         self._loss_sums: dict[int, float] = {}
+        self.times_store = times_store
+        self.executor: Optional[Executor] = None  # set by _run_executor: its moving medians
 
     def train_batch(self, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.to(self.device) for t in self.data.train.get(microbatch))
@@ -197,11 +231,40 @@ class StageTraining:
     def after_update(self, update: int, val_loss: Optional[float]) -> None:
         """After the step creating version `update` (and its validation): record, checkpoint."""
         self.rec.after_step(update)
+        times = self._stage_times() if self.rec.is_log(update) else None
         if self.last:
-            self.rec.record(update, self._loss_sums.pop(update - 1) / self.schedule.num_microbatches, val_loss)
+            self.rec.record(update, self._loss_sums.pop(update - 1) / self.schedule.num_microbatches, val_loss,
+                            stage_times=times)
         if self.rec.is_checkpoint(update):
             self.rec.save_checkpoint(update, {"stage": self.stage_idx, "num_stages": self.num_stages,
                                               "runner": self.runner.state_dict()})
+
+    def _stage_times(self) -> Optional[dict]:
+        """Publish this stage's moving medians; on the last stage, collect every stage's.
+
+        Returns:
+            On the last stage {"forward_ms": [K], "backward_ms": [K], "step_ms": [K]} (None
+            for a stage that has published nothing yet); elsewhere, or without an executor or
+            store, None.
+        """
+        if self.executor is None or self.times_store is None:
+            return None
+        mine = self.executor.medians_ms()
+        if not self.last:
+            try:
+                self.times_store.set(f"stage{self.stage_idx}", json.dumps(mine))
+            except Exception:  # noqa: BLE001 - a store that went away costs the report, not the run
+                pass
+            return None
+        per_stage: list = [None] * self.num_stages
+        per_stage[-1] = mine
+        for i in range(self.num_stages - 1):
+            try:
+                if self.times_store.check([f"stage{i}"]):
+                    per_stage[i] = json.loads(self.times_store.get(f"stage{i}"))
+            except Exception:  # noqa: BLE001 - as above
+                pass
+        return {name: [p[name] if p else None for p in per_stage] for name in ("forward_ms", "backward_ms", "step_ms")}
 
     def resume(self, required: bool) -> None:
         """Load the newest checkpoint set that every stage holds and verifies (none: start
@@ -222,14 +285,15 @@ class StageTraining:
                                stage_stats=stage_stats)
 
 
-def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device) -> None:
+def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device, times_store=None) -> None:
     from pipenag.build import build_pipeline
     from pipenag.data import build_data
 
     on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b
     groups = None if on_torch else make_link_groups(cfg.pipeline.num_stages)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
-    st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size, train_ids=data.train_ids), data, k, device)
+    st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size, train_ids=data.train_ids), data, k, device,
+                       times_store)
     mode = resume_mode(cfg, resume)
     if mode != "no":
         st.resume(required=mode == "explicit")
@@ -273,7 +337,8 @@ def _run_executor(st: StageTraining, groups, backend: str):
         eval_inputs=(lambda i: val[i][0].to(st.device)) if st.first else None,
         eval_targets=(lambda i: val[i][1].to(st.device)) if st.last else None,
         num_eval=len(val), eval_forward=st.eval_forward, on_loss=st.on_loss if st.last else None,
-        after_update=st.after_update)
+        after_update=st.after_update, muted=lambda: faults.is_silent(k), pass_delay_s=lambda: faults.extra_pass_s(k))
+    st.executor = executor
     return executor.run()
 
 
