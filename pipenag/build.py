@@ -40,6 +40,8 @@ class PipelineParts:
         s = r.schedule
         text = (f"method {r.method.name}: schedule {s.name}, K={s.num_stages}, M={s.num_microbatches}, "
                 f"stash {'on' if r.stash else 'off'}, optimizer {r.optimizer}, {self.num_params:,} parameters")
+        if r.delay_compensation:
+            text += f", delay compensation lambda {r.delay_compensation:g}"
         if s.asynchronous:
             K = s.num_stages
             text += (f"; in flight {list(s.depths)}{' (auto)' if self.cfg.pipeline.in_flight == 'auto' else ''}, "
@@ -55,14 +57,15 @@ class PipelineParts:
         return Simulator(self.stages, lm_loss, self.optimizers, r.schedule, stash=r.stash, lr_fns=self.lr_fns,
                          grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
                          forward_prediction=r.forward_prediction, record=record, activation_codec=act,
-                         gradient_codec=grad)
+                         gradient_codec=grad, delay_compensation=r.delay_compensation)
 
     def runner(self, stage_idx: int, record: Optional[list] = None) -> StageRunner:
         r = self.resolved
         return make_runner(r.schedule, stage_idx, self.stages[stage_idx], self.optimizers[stage_idx],
                            lm_loss, stash=r.stash, lr_fn=self.lr_fns[stage_idx],
                            grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
-                           forward_prediction=r.forward_prediction, record=record)
+                           forward_prediction=r.forward_prediction, record=record,
+                           delay_compensation=r.delay_compensation)
 
     @property
     def num_params(self) -> int:
@@ -92,7 +95,7 @@ def stage_optimizer(o: OptimConfig, name: str, module: torch.nn.Module, stage_id
     return build_optimizer(name, module, lr=o.lr, weight_decay=o.weight_decay,
                            momentum=o.momentum if o.momentum >= 0 else None, momentum_decay=o.momentum_decay,
                            momentum_schedule=o.momentum_schedule, discount=o.discount,
-                           stage_idx=stage_idx, num_stages=num_stages, staleness=staleness)
+                           stage_idx=stage_idx, num_stages=num_stages, staleness=staleness, ef_scale=o.ef_scale)
 
 
 def build_pipeline(cfg: Config, vocab_size: int, device: torch.device | str = "cpu",

@@ -51,8 +51,10 @@ def _choices(typ) -> tuple:
 # The names users type. Methods and optimizers are listed here, where the config is checked,
 # and pipenag.methods / pipenag.optim.factory check at import that they define exactly these.
 MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipemare", "nesterov",
-                     "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp"]
-OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon"]
+                     "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp",
+                     "pipedream-ef", "muon-ef", "2bw-muon-ef", "pipedream-dc"]
+OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon",
+                        "adamw-ef", "muon-ef"]
 ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw"]
 CodecName = Literal["none", "int8", "int4", "int4-hadamard"]  # pipenag.link.codec.CODECS
 
@@ -122,7 +124,7 @@ class DataConfig:
 class OptimConfig:
     name: OptimizerName = ""
     """Optimizer ("adamw", "nesterov", "nesterov-sgd", "nesterov-nows", "sgd", "basis-rotation",
-    "muon"); "" = the method's."""
+    "muon", and "adamw-ef", "muon-ef": those two with error feedback); "" = the method's."""
     lr: float = 3e-4
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -147,6 +149,13 @@ class OptimConfig:
     predict_scale: float = 1.0
     """Forward weight prediction (pipeline.predict_forward): a stage's forward runs at
     w + predict_scale * tau * (w - w_prev)."""
+    ef_scale: float = 1.0
+    """Error feedback (the "-ef" optimizers, arXiv 2606.30634): the scale c of
+    x_{t+1} = x_t - u_t - c (u_t - u_{t-1}), u_t the base optimizer's update; 0 = the base
+    optimizer. The issue's default."""
+    dc_lambda: float = 0.04  # MXNet's DCASGD default (lamda=0.04), the constant-lambda form
+    """Delay compensation (method pipedream-dc, DC-ASGD, Zheng et al., ICML 2017): the gradient
+    applied is g + dc_lambda * g * g * (w_now - w_stale); 0 = plain pipedream."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -158,6 +167,8 @@ class OptimConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
         _check(self.predict_scale > 0, "optim.predict_scale", self.predict_scale, "must be > 0")
+        _check(self.ef_scale >= 0, "optim.ef_scale", self.ef_scale, "must be >= 0")
+        _check(self.dc_lambda >= 0, "optim.dc_lambda", self.dc_lambda, "must be >= 0")
 
 
 @dataclass

@@ -26,6 +26,7 @@ class Method:
     schedules: tuple[str, ...]  # schedules the method may run on
     description: str
     predict_forward: bool = False  # forward weight prediction (SpecTrain-style)
+    delay_compensation: bool = False  # DC-ASGD's gradient correction (optim.dc_lambda)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -56,6 +57,18 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            predict_forward=True),
     Method("muon-wp", "pipedream", True, "muon", False, False, ("pipedream", "2bw"),
            "muon + forward weight prediction", predict_forward=True),
+    # Error feedback, x_{t+1} = x_t - u_t - c (u_t - u_{t-1}) (arXiv 2606.30634; pipenag.optim.ErrorFeedback).
+    Method("pipedream-ef", "pipedream", True, "adamw-ef", False, False, ("pipedream", "2bw"),
+           "pipedream + error feedback on AdamW's update, c = optim.ef_scale (arXiv 2606.30634)"),
+    Method("muon-ef", "pipedream", True, "muon-ef", False, False, ("pipedream", "2bw"),
+           "muon + error feedback on the update, c = optim.ef_scale (arXiv 2606.30634)"),
+    Method("2bw-muon-ef", "2bw", True, "muon-ef", False, False, ("2bw",),
+           "PipeDream-2BW with Muon and error feedback (arXiv 2606.30634)"),
+    # Delay compensation, g + lambda g * g (w_now - w_stale) (Zheng et al., "Asynchronous
+    # Stochastic Gradient Descent with Delay Compensation", ICML 2017; StageRunner).
+    Method("pipedream-dc", "pipedream", True, "adamw", False, False, ("pipedream", "2bw"),
+           "pipedream + DC-ASGD delay compensation g + lambda g*g (w_now - w_stale), lambda = optim.dc_lambda",
+           delay_compensation=True),
 ]}
 assert set(METHODS) == set(typing.get_args(MethodName)), "pipenag.config.MethodName lists the methods"
 
@@ -73,6 +86,7 @@ class ResolvedMethod:
     num_updates: int
     delay_lr_anneal: int
     forward_prediction: float  # the scale s of forward weight prediction, 0 when off
+    delay_compensation: float = 0.0  # DC-ASGD's lambda, 0 when off
 
 
 def get_method(name: str) -> Method:
@@ -86,7 +100,8 @@ def resolve(cfg: Config) -> ResolvedMethod:
 
     Raises:
         ValueError: an unknown method, a schedule the method cannot run on, a stash setting
-            the method forbids, or a microbatch count the schedule forbids.
+            the method forbids (stash on with PipeMare's prediction, stash off with delay
+            compensation), or a microbatch count the schedule forbids.
     """
     p = cfg.pipeline
     method = get_method(p.method)
@@ -95,6 +110,10 @@ def resolve(cfg: Config) -> ResolvedMethod:
         raise ValueError(f"pipeline.schedule={schedule_name!r}: method {method.name!r} runs on "
                          f"{', '.join(method.schedules)}")
     stash = method.stash if p.stash == "" else p.stash == "on"
+    if method.delay_compensation and not stash:
+        raise ValueError(f"pipeline.stash='off': method {method.name!r} corrects a gradient by the distance "
+                         "between the weights it is applied to and those its backward used; without stashing "
+                         "those are the same weights and the correction is zero")
     if method.predict and stash:
         raise ValueError(f"pipeline.stash='on': method {method.name!r} predicts the backward weights "
                          "and needs stashing off")
@@ -121,7 +140,8 @@ def resolve(cfg: Config) -> ResolvedMethod:
     anneal = cfg.optim.delay_lr_anneal
     anneal = int(anneal) if anneal >= 0 else max(1, cfg.train.steps // 5)
     return ResolvedMethod(method, schedule, stash, optimizer, method.delay_lr, method.predict,
-                          cfg.train.steps, anneal, cfg.optim.predict_scale if predict_forward else 0.0)
+                          cfg.train.steps, anneal, cfg.optim.predict_scale if predict_forward else 0.0,
+                          cfg.optim.dc_lambda if method.delay_compensation else 0.0)
 
 
 def methods_table() -> str:

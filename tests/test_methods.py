@@ -44,7 +44,13 @@ EXPECTED = {
     "muon": ("pipedream", True, "muon", 1, False, False, False),
     "pipedream-wp": ("pipedream", True, "adamw", 1, False, False, True),
     "muon-wp": ("pipedream", True, "muon", 1, False, False, True),
+    "pipedream-ef": ("pipedream", True, "adamw-ef", 1, False, False, False),
+    "muon-ef": ("pipedream", True, "muon-ef", 1, False, False, False),
+    "2bw-muon-ef": ("2bw", True, "muon-ef", 4, False, False, False),
+    "pipedream-dc": ("pipedream", True, "adamw", 1, False, False, False),
 }
+# Methods with DC-ASGD's delay compensation (lambda = optim.dc_lambda, default 0.04).
+DELAY_COMPENSATED = {"pipedream-dc"}
 
 
 def test_every_method_has_an_expected_row_and_a_config_name():
@@ -64,6 +70,7 @@ def test_presets_match_the_table(name):
         assert r.stash == stash
     assert (r.delay_lr, r.predict) == (delay_lr, predict)
     assert r.forward_prediction == (1.0 if predict_forward else 0.0)  # optim.predict_scale's default
+    assert r.delay_compensation == (0.04 if name in DELAY_COMPENSATED else 0.0)  # optim.dc_lambda's default
     assert (r.schedule.num_stages, r.num_updates) == (4, 100)
 
 
@@ -97,7 +104,8 @@ def test_unknown_method_lists_valid_ones():
 
 @pytest.mark.parametrize("method, schedule", [
     ("gpipe", "pipedream"), ("gpipe", "2bw"), ("1f1b", "pipedream"), ("pipemare", "2bw"),
-    ("pipedream-lr", "gpipe"), ("nesterov", "1f1b"), ("nesterov-nows", "2bw"),
+    ("pipedream-lr", "gpipe"), ("nesterov", "1f1b"), ("nesterov-nows", "2bw"), ("2bw-muon-ef", "pipedream"),
+    ("pipedream-dc", "gpipe"),
 ])
 def test_method_on_wrong_schedule_raises(method, schedule):
     with pytest.raises(ValueError, match=f"pipeline.schedule='{schedule}'.*'{method}'"):

@@ -44,6 +44,7 @@ class Simulator:
         activation_codec, gradient_codec: pipenag.link codecs (None: none) applied to every
             activation passed forward and every gradient passed backward between stages, the
             quantize -> dequantize that the runtime's transport applies on the wire.
+        delay_compensation: DC-ASGD's lambda of every stage (0: off; StageRunner).
 
     `step(microbatches)` takes M (input, target) pairs, runs them with exactly the weight
     versions the schedule dictates, makes one update per stage with the gradient of the mean
@@ -66,6 +67,7 @@ class Simulator:
         record: Optional[list] = None,
         activation_codec=None,
         gradient_codec=None,
+        delay_compensation: float = 0.0,
     ):
         if len(stages) < 1:
             raise ValueError("stages: need at least one stage module")
@@ -84,7 +86,7 @@ class Simulator:
             make_runner(schedule, k, module, optimizers[k], loss_fn, stash=stash,
                         lr_fn=lr_fns[k] if lr_fns is not None else None, grad_clip=grad_clip,
                         predict=predict, predict_decay=predict_decay, forward_prediction=forward_prediction,
-                        record=record)
+                        record=record, delay_compensation=delay_compensation)
             for k, module in enumerate(stages)
         ]
         self.num_updates = 0

@@ -20,6 +20,17 @@ from the same tensors and agree bit for bit; with stashing the backward uses the
 predicted weights (the graph is kept on them), without it the backward recomputes as usual.
 A stage with prediction holds one more version (w_{v-1}).
 
+Delay compensation (DC-ASGD: Zheng et al., "Asynchronous Stochastic Gradient Descent with Delay
+Compensation", ICML 2017; `delay_compensation` = lambda > 0): right before a step, each
+parameter's accumulated gradient g becomes g + lambda * g * g * (w_now - w_stale), elementwise,
+where w_now are the live weights the step applies it to and w_stale the weights the update's
+backwards were taken on (the stashed version, or the predicted weights). It needs those two
+versions, which only the runner has, so it lives here and not in the optimizer. All the
+microbatches of one update read the same version in every schedule here (pipedream: one per
+update; 2bw: version u-1 for the whole update-batch u), so the update's gradient has one
+w_stale; a stage whose backwards used the live weights (pipedream's last stage, the synchronous
+schedules) gets no correction at all.
+
 Backward modes:
 - the backward uses the forward's weights (stash on, or no update in between): the autograd
   graph of the forward is kept and reused;
@@ -40,6 +51,7 @@ forwards tau_k updates late, keeps the tau_k older versions those forwards read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -110,6 +122,7 @@ class StageRunner:
         predictor: a WeightPredictor for PipeMare's backward, or None.
         forward_prediction: the scale s of forward weight prediction (0: off).
         record: a list to append a Record per forward and backward to, or None.
+        delay_compensation: DC-ASGD's lambda >= 0 (0: off; see the module docstring).
     """
 
     def __init__(
@@ -125,9 +138,12 @@ class StageRunner:
         predictor: Optional[WeightPredictor] = None,
         forward_prediction: float = 0.0,
         record: Optional[list] = None,
+        delay_compensation: float = 0.0,
     ):
         if forward_prediction < 0:
             raise ValueError(f"forward_prediction={forward_prediction}: must be >= 0 (0 = off)")
+        if not (math.isfinite(delay_compensation) and delay_compensation >= 0):
+            raise ValueError(f"delay_compensation={delay_compensation}: must be a finite number >= 0 (0 = off)")
         self.module = module
         self.optimizer = optimizer
         self.schedule = schedule
@@ -144,6 +160,11 @@ class StageRunner:
         # The extrapolation factor s * tau of forward weight prediction (0: none at this stage).
         self.extrapolation = forward_prediction * schedule.staleness(stage_idx)
         self.record = record
+        self.delay_compensation = delay_compensation
+        # The weights the backwards since the last step were taken on, and their version
+        # (Record's numbering): w_stale of delay compensation.
+        self.grad_weights: Optional[list[torch.Tensor]] = None
+        self.grad_version: Optional[int] = None
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.version = 0  # updates applied so far
@@ -262,7 +283,8 @@ class StageRunner:
         ctx = self.pending.pop(microbatch)
         s, k = self.schedule, self.stage_idx
         if ctx.out is not None:
-            self._log("B", microbatch, s.forward_version(k, microbatch))
+            bwd_v = s.forward_version(k, microbatch)
+            self._log("B", microbatch, bwd_v)
             out, used = ctx.out, ctx.used
         else:
             bwd_v = s.backward_version(k, microbatch, self.stash)
@@ -292,6 +314,12 @@ class StageRunner:
                     p.grad = u.grad
                 else:
                     p.grad.add_(u.grad)
+        if self.delay_compensation > 0:
+            # The graph's leaves hold the weights the gradient was taken on (None: the live ones).
+            assert self.grad_version is None or self.grad_version == bwd_v, (
+                f"stage {k}: the backwards of one update used versions {self.grad_version} and {bwd_v}; "
+                "delay compensation needs one")
+            self.grad_weights, self.grad_version = (self.params if used is None else used), bwd_v
         self._drop_old_snapshots()
         return None if self.is_first else ctx.inp.grad
 
@@ -309,7 +337,10 @@ class StageRunner:
             lr = self.lr_fn(update)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        if self.grad_clip > 0:
+        if self.delay_compensation > 0 and self.grad_weights is not None and self.grad_weights is not self.params:
+            compensate_delay_([p.grad for p in self.params], self.params, self.grad_weights, self.delay_compensation)
+        self.grad_weights = self.grad_version = None
+        if self.grad_clip > 0:  # after the correction: the clip bounds what is applied
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         old = [p.detach().clone() for p in self.params] if self.predictor is not None else None
         self.optimizer.step()
@@ -359,15 +390,17 @@ class StageRunner:
         if self.predictor is not None and state["delta"] is not None:
             self.predictor.delta = [d.clone() for d in state["delta"]]
         self.pending.clear()
+        self.grad_weights = self.grad_version = None
 
 
 def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, *,
                 stash: bool = True, lr_fn: Optional[Callable[[int], float]] = None, grad_clip: float = 0.0,
                 predict: bool = False, predict_decay: float = 0.9, forward_prediction: float = 0.0,
-                record: Optional[list] = None) -> StageRunner:
+                record: Optional[list] = None, delay_compensation: float = 0.0) -> StageRunner:
     """The StageRunner of one stage, as both engines build it: `loss_fn` is kept on the last
     stage only, `predict` adds PipeMare's WeightPredictor (backward) where the stage has a
-    delay, `forward_prediction` > 0 turns on forward weight prediction with that scale.
+    delay, `forward_prediction` > 0 turns on forward weight prediction with that scale,
+    `delay_compensation` > 0 DC-ASGD's gradient correction with that lambda.
 
     Raises:
         ValueError: predict without the pipedream schedule, predict with stash on, or both
@@ -388,4 +421,22 @@ def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer
     return StageRunner(module, optimizer, schedule, stage_idx, stash=stash,
                        loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
                        lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor,
-                       forward_prediction=forward_prediction, record=record)
+                       forward_prediction=forward_prediction, record=record,
+                       delay_compensation=delay_compensation)
+
+
+@torch.no_grad()
+def compensate_delay_(grads: list[Optional[torch.Tensor]], w_now: list[torch.Tensor],
+                      w_stale: list[torch.Tensor], lam: float) -> None:
+    """DC-ASGD's delay compensation, in place: g <- g + lam * g * g * (w_now - w_stale),
+    elementwise (Zheng et al., ICML 2017, the constant-lambda form).
+
+    Args:
+        grads: the gradients (None entries are skipped), taken at w_stale.
+        w_now: the weights the gradients are about to be applied to.
+        w_stale: the weights the gradients were taken on.
+        lam: lambda >= 0.
+    """
+    for g, now, stale in zip(grads, w_now, w_stale):
+        if g is not None:
+            g.add_(g * g * (now - stale), alpha=lam)

@@ -18,12 +18,16 @@ import torch
 from pipenag.optim.basis_rotation import BasisRotation
 from pipenag.optim.composite import CompositeOptimizer, hidden_matrix_params
 from pipenag.optim.delayed_nesterov import MOMENTUM_SCHEDULES, DelayedNesterov
+from pipenag.optim.error_feedback import ErrorFeedback
 from pipenag.optim.muon import build_muon
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "nows_beta1"]
 
-OPTIMIZERS = ("adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon")
-MATRIX_OPTIMIZERS = ("basis-rotation", "muon")
+OPTIMIZERS = ("adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon",
+              "adamw-ef", "muon-ef")
+MATRIX_OPTIMIZERS = ("basis-rotation", "muon", "muon-ef")
+# name -> the base optimizer that ErrorFeedback wraps
+ERROR_FEEDBACK = {"adamw-ef": "adamw", "muon-ef": "muon"}
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
@@ -78,6 +82,7 @@ def build_optimizer(
     num_stages: int | None = None,
     staleness: Sequence[int] | None = None,
     foreach: bool | None = None,
+    ef_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """Return the torch optimizer that a method name stands for.
 
@@ -96,6 +101,8 @@ def build_optimizer(
             (hidden_matrix_params), AdamW (same betas) on the rest, in one CompositeOptimizer.
         muon: torch.optim.Muon (momentum or 0.95, Nesterov, lr matched to AdamW's RMS) on
             the hidden matrices, AdamW (0.9, 0.999) on the rest (pipenag.optim.muon).
+        adamw-ef, muon-ef: adamw / muon as above inside ErrorFeedback with c = ef_scale
+            (x_{t+1} = x_t - u_t - c (u_t - u_{t-1}), arXiv 2606.30634).
     "momentum or X" means X when momentum is None; an explicit 0.0 is kept.
 
     Args:
@@ -112,6 +119,7 @@ def build_optimizer(
         num_stages: the number of stages (nesterov-nows).
         staleness: every stage's staleness (nesterov-nows; None = K-1-k).
         foreach: passed to the torch optimizer (None = its default).
+        ef_scale: the error-feedback scale c >= 0 of the "-ef" names.
 
     Returns:
         A torch.optim.Optimizer over `params`.
@@ -121,6 +129,13 @@ def build_optimizer(
     if name in MATRIX_OPTIMIZERS and not isinstance(params, torch.nn.Module):
         raise ValueError(f"optimizer {name!r} splits a stage into hidden matrices and the rest: "
                          f"pass the stage module, not {type(params).__name__}")
+    _check_number("ef_scale", ef_scale, 0.0)
+    if name in ERROR_FEEDBACK:
+        base = build_optimizer(ERROR_FEEDBACK[name], params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                               momentum_decay=momentum_decay, momentum_schedule=momentum_schedule,
+                               discount=discount, stage_idx=stage_idx, num_stages=num_stages,
+                               staleness=staleness, foreach=foreach)
+        return ErrorFeedback(base, c=ef_scale, foreach=foreach)
     module = params if isinstance(params, torch.nn.Module) else None
     if module is not None:
         params = module.parameters()
