@@ -124,6 +124,36 @@ def sim_reference(cfg: Config) -> tuple[list[dict], list[dict]]:
     return read_metrics(cfg.run.out_dir), sim_weights(cfg.run.out_dir, cfg.train.steps)
 
 
+def assert_like_uninterrupted(out: Path, reference, steps: int, num_stages: int) -> dict:
+    """A restarted runtime run in `out` ends like the uninterrupted one (`reference`: records
+    and final weights): each update recorded once, the same numbers bit for bit. Returns the
+    summary."""
+    records, weights = reference
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # each update exactly once
+    assert_same_records(got, records)
+    assert_same_state_dicts(dist_weights(out, steps, num_stages), weights)
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["val_loss"] == records[-1]["val_loss"]
+    return summary
+
+
+def train_random_tokens(cfg: Config, num_updates: int = 4, seed: int = 0, vocab_size: int = 32):
+    """Train cfg's pipeline with the simulator on random (2, 8) token microbatches: (losses,
+    final per-stage state dicts)."""
+    from pipenag.build import build_pipeline
+
+    parts = build_pipeline(cfg, vocab_size=vocab_size)
+    sim = parts.simulator()
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(num_updates):
+        mbs = [(torch.randint(0, vocab_size, (2, 8), generator=g), torch.randint(0, vocab_size, (2, 8), generator=g))
+               for _ in range(sim.num_microbatches)]
+        losses.append(sim.step(mbs))
+    return losses, [{k: v.clone() for k, v in s.state_dict().items()} for s in parts.stages]
+
+
 # -- a tiny GPT for the engine-level equivalence tests ------------------------------------------
 
 SEED = 1234

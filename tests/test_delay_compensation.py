@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Interrupt, assert_same_records, run_dist_against_sim, simulator_stopped_at, tiny_config
+from helpers import train_random_tokens, Interrupt, assert_same_records, run_dist_against_sim, simulator_stopped_at, tiny_config
 
 from pipenag.build import build_pipeline
 from pipenag.config import load_config
@@ -139,15 +139,7 @@ def test_method_resolves_lambda_and_refuses_stash_off():
 
 
 def simulate(cfg, num_updates=4, seed=0):
-    parts = build_pipeline(cfg, vocab_size=32)
-    sim = parts.simulator()
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(num_updates):
-        mbs = [(torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
-               for _ in range(sim.num_microbatches)]
-        losses.append(sim.step(mbs))
-    return losses, [{k: v.clone() for k, v in s.state_dict().items()} for s in parts.stages]
+    return train_random_tokens(cfg, num_updates, seed)
 
 
 @pytest.mark.parametrize("extra", [[], ["--pipeline.schedule=2bw"]], ids=["pipedream", "2bw"])

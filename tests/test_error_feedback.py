@@ -12,7 +12,7 @@ import io
 
 import pytest
 import torch
-from helpers import (Interrupt, assert_same_records, assert_same_state_dicts, run_dist_against_sim,
+from helpers import (train_random_tokens, Interrupt, assert_same_records, assert_same_state_dicts, run_dist_against_sim,
                      simulator_stopped_at, tiny_config)
 
 from pipenag.build import build_pipeline, memory_report
@@ -277,16 +277,7 @@ def test_memory_report_counts_the_previous_update():
 
 
 def simulate(cfg, num_updates=4, seed=0):
-    """Train the config's pipeline with the simulator on random tokens: (losses, weights)."""
-    parts = build_pipeline(cfg, vocab_size=32)
-    sim = parts.simulator()
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(num_updates):
-        mbs = [(torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
-               for _ in range(sim.num_microbatches)]
-        losses.append(sim.step(mbs))
-    return losses, [dict(s.state_dict()) for s in parts.stages]
+    return train_random_tokens(cfg, num_updates, seed)
 
 
 # At K = 1 error feedback still changes the update (it is not a delay correction), so the

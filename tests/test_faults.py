@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import helpers
 from helpers import (ROOT, TINY, assert_same_records, assert_same_state_dicts, children_of, dist_weights,
                      Interrupt, make_dist_cfg, sim_reference, sim_weights, simulator_stopped_at, subprocess_env,
                      tiny_config)
@@ -54,14 +55,7 @@ def run_dist(out: Path, fault: str, monkeypatch, *extra: str, start_method: str 
 
 
 def assert_like_uninterrupted(out: Path, reference) -> dict:
-    records, weights = reference
-    got = read_metrics(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each update exactly once
-    assert_same_records(got, records)
-    assert_same_state_dicts(dist_weights(out, STEPS, K), weights)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["val_loss"] == records[-1]["val_loss"]
-    return summary
+    return helpers.assert_like_uninterrupted(out, reference, STEPS, K)
 
 
 # -- the runtime restarts by itself ------------------------------------------------------------

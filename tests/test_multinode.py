@@ -12,7 +12,6 @@ the run is left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (DIST_BASE, FAST, ROOT, TINY, assert_same_records, assert_same_state_dicts, dist_weights,
-                     make_dist_cfg, sim_reference, subprocess_env)
+import helpers
+from helpers import DIST_BASE, FAST, ROOT, TINY, make_dist_cfg, sim_reference, subprocess_env
 
 from pipenag.faults import FAIL_ENV
 from pipenag.metrics import read_metrics
@@ -89,14 +88,7 @@ def assert_nothing_left(out: Path) -> None:
 
 
 def assert_like_uninterrupted(out: Path, reference) -> dict:
-    records, weights = reference
-    got = read_metrics(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each update exactly once
-    assert_same_records(got, records)
-    assert_same_state_dicts(dist_weights(out, STEPS, K), weights)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["val_loss"] == records[-1]["val_loss"]
-    return summary
+    return helpers.assert_like_uninterrupted(out, reference, STEPS, K)
 
 
 @pytest.mark.slow
