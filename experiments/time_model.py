@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the stages share")
+    parser.add_argument("--stages", type=int, default=4, help="K (the model's 4 blocks split evenly)")
     args = parser.parse_args(argv)
     from pipenag.config import load_config
     from pipenag.runtime.launch import train_dist
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for method, updates in METHODS:
         base = load_config(None, MODEL + [f"--pipeline.method={method}", f"--train.steps={updates}",
-                                          f"--data.cache_dir={out / 'cache'}"])
+                                          f"--data.cache_dir={out / 'cache'}", f"--pipeline.num_stages={args.stages}"])
         costs = calibrate(base, repeats=10, warmup=3)
         for name, latency, bandwidth in LINKS:
             cfg = base.with_overrides([f"--link.latency_ms={latency}", f"--link.bandwidth_mbps={bandwidth}",
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
             measured = measured_seconds_per_update(Path(cfg.run.out_dir))
             pred = predict(cfg, costs, cores=args.cores)
             alone = predict(cfg, costs)
-            rows.append({"method": method, "link": name, "updates": updates, "measured_s": measured,
+            rows.append({"method": method, "link": name, "stages": args.stages, "updates": updates, "measured_s": measured,
                          "predicted_s": pred.steady_s_per_update, "predicted_one_core_each_s": alone.steady_s_per_update,
                          "ratio": pred.steady_s_per_update / measured, "costs": {"forward": costs.forward,
                          "backward": costs.backward, "step": costs.step}, "wall_s": round(time.perf_counter() - t0, 1)})

@@ -4,10 +4,11 @@
     pipenag schedule --name pipedream --stages 4 --microbatches 1
     pipenag schedule --name pipedream --stages 4 --pipeline.in_flight=8,6,4,1
     pipenag compare --methods nesterov,pipedream,gpipe --config configs/tiny.toml --out runs/cmp
+    pipenag plan --config configs/paper-base.toml --tflops 989
     pipenag sweep --methods gpipe,pipedream,nesterov --stages 1,8 --seeds 1,2,3 --config configs/bench.toml
     pipenag bench optimizer --config configs/small.toml
 
-Every subcommand that builds a model (train, compare, sweep, bench) takes --config, the shortcuts of
+Every subcommand that builds (or plans) a model (train, compare, sweep, bench, plan) takes --config, the shortcuts of
 pipenag.config.SHORTCUTS and `--section.key=value` overrides of the config. Errors a user can
 cause print one line and exit with status 2.
 """
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train several methods on identical data and weights")
     compare.add_argument("--methods", required=True, help="comma-separated method names")
     add_config_arguments(compare, skip=("method",))
+
+    plan = sub.add_parser("plan", help="predicted memory per stage and time per update, before any work")
+    add_config_arguments(plan)
+    from pipenag.plan import add_plan_arguments
+
+    add_plan_arguments(plan)
 
     sub.add_parser("sweep", help="methods x stages x seeds x lrs in parallel, with the comparison table "
                                  "(sweep --help for its options)", add_help=False)
@@ -116,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             from pipenag.config import config_from_args
 
             return compare_main(args.methods, config_from_args(args, rest)) or 0
+        if args.command == "plan":
+            from pipenag.config import config_from_args
+            from pipenag.plan import plan_main
+
+            return plan_main(config_from_args(args, rest), calibrate=args.calibrate, tflops=args.tflops,
+                             as_json=args.json) or 0
     except ValueError as e:
         print(f"pipenag {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -277,9 +277,13 @@ class RunConfig:
     tensorboard: bool = False
     """Also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard (needs the
     `tensorboard` package: pip install 'pipenag[tensorboard]')."""
+    peak_tflops: float = 0.0
+    """The device's peak TFLOP/s that MFU is reported against; 0 = look it up by the CUDA
+    device name (pipenag.plan.PEAK_TFLOPS: dense bf16), unknown (MFU null) on a CPU."""
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "run.threads", self.threads, "must be >= 0")
+        _check(self.peak_tflops >= 0, "run.peak_tflops", self.peak_tflops, "must be >= 0 (0 = look up)")
         _check_choices(self)
 
 

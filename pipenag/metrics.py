@@ -139,11 +139,15 @@ class TensorBoardWriter:
 
 
 class Progress:
-    """Prints `[step/total] loss .. lr .. tok/s .. eta` every `every` updates to stderr."""
+    """Prints `[step/total] loss .. lr .. tok/s [.. TFLOP/s [MFU ..%]] eta` every `every` updates
+    to stderr: the achieved TFLOP/s when `flops_per_token` is given (pipenag.plan's 6N + 12LCT),
+    MFU when the device's `peak_tflops` is known too."""
 
-    def __init__(self, total: int, every: int, enabled: bool = True, start: int = 0):
+    def __init__(self, total: int, every: int, enabled: bool = True, start: int = 0, flops_per_token: int = 0,
+                 peak_tflops: Optional[float] = None):
         self.total, self.every, self.enabled = total, max(1, every), enabled
         self.start_step, self.t0 = start, time.perf_counter()
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
 
     def update(self, step: int, loss: float, lr: float, tokens_per_step: int, extra: str = "") -> None:
         if not self.enabled or (step % self.every and step != self.total):
@@ -155,8 +159,13 @@ class Progress:
         bar_len = 20
         filled = int(bar_len * step / self.total)
         bar = "#" * filled + "-" * (bar_len - filled)
+        speed = ""
+        if self.flops_per_token:
+            tflops = rate * tokens_per_step * self.flops_per_token / 1e12
+            speed = f" {tflops:.3g} TFLOP/s" + (f" MFU {100 * tflops / self.peak_tflops:.1f}%"
+                                                 if self.peak_tflops else "")
         print(f"[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-              f"{rate * tokens_per_step:,.0f} tok/s eta {eta:.0f}s{extra}", file=sys.stderr, flush=True)
+              f"{rate * tokens_per_step:,.0f} tok/s{speed} eta {eta:.0f}s{extra}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -178,7 +178,16 @@ class Recorder:
         self.num_microbatches = parts.resolved.schedule.num_microbatches
         self.per_update = tokens_per_update(cfg, self.num_microbatches)
         self.store = CheckpointStore(self.out, checkpoint_parts)
-        self.progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.run.progress and writes_records)
+        from pipenag.plan import flops_per_token, peak_tflops
+
+        own = parts.stages[0 if stage_idx is None else stage_idx]  # the runtime: this stage's device
+        first = next(own.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.flops_per_token = flops_per_token(parts.model_cfg)
+        self.peak_tflops = peak_tflops(cfg, self.device)
+        self.progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.run.progress and writes_records,
+                                 flops_per_token=self.flops_per_token, peak_tflops=self.peak_tflops)
+        self._t_segment = time.perf_counter()  # the start of this process's updates (throughput)
         self.start = 0
         self.last_update = 0  # the latest update recorded (or resumed from)
         self.val_loss = float("nan")  # the latest validation loss
@@ -249,6 +258,7 @@ class Recorder:
             self._writers.append(MetricsWriter(self.out, resume_step=resume_step))
             if self.cfg.run.tensorboard:
                 self._writers.append(TensorBoardWriter(self.out, resume_step=resume_step))
+        self._t_segment = time.perf_counter()
         if self.start:
             self.progress.message(f"pipenag: resumed {self.out} at update {self.start}")
         self.progress.message(f"pipenag: {self.parts.describe()}; {message}")
@@ -283,6 +293,8 @@ class Recorder:
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"non-finite training loss {train_loss} at update {update}; the last good "
                                 f"checkpoint (if any) is kept in {self.out}")
+        if self.is_log(update):
+            note = f" mem {peak_memory(self.device)['bytes'] / 2**30:.2f} GiB" + note
         self.progress.update(update, train_loss, lr, self.per_update,
                              (f" val {val_loss:.4f}" if val_loss is not None else "") + note)
         return rec
@@ -358,12 +370,42 @@ class Recorder:
             "num_params": self.parts.num_params,
             "vocab_size": self.parts.model_cfg.vocab_size,
             "restarts": restarts(read_events(self.out)),
+            "throughput": self.throughput(updates),
+            "peak_memory": dict(peak_memory(self.device),
+                                stages=(list(range(self.parts.resolved.schedule.num_stages))
+                                        if self.stage_idx is None else [self.stage_idx])),
             **extra,
         }
         summary = strict_json(summary)  # the file's values: null for a loss that is not finite
         if self.writes_records:
             atomic.write_text(self.out / SUMMARY, dumps(summary, indent=2) + "\n")
         return summary
+
+
+    def throughput(self, updates: int) -> dict:
+        """summary.json's throughput of this process's updates (a resumed run: since the resume):
+        tokens/s, the achieved TFLOP/s at flops_per_token (6 N + 12 L C T, pipenag.plan), and MFU
+        against the device's peak (None when the peak is unknown: a CPU without run.peak_tflops)."""
+        seconds = time.perf_counter() - self._t_segment
+        done = max(0, updates - self.start) * self.per_update
+        tokens_per_s = done / seconds if seconds > 0 else None
+        achieved = None if tokens_per_s is None else tokens_per_s * self.flops_per_token / 1e12
+        return {"tokens_per_s": tokens_per_s, "flops_per_token": self.flops_per_token,
+                "flops_formula": "6 N + 12 n_layer n_embd block_size (N: parameters but wte, wpe)",
+                "achieved_tflops": achieved, "peak_tflops": self.peak_tflops,
+                "mfu": achieved / self.peak_tflops if achieved is not None and self.peak_tflops else None}
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory: torch.cuda.max_memory_allocated on a CUDA device, else the
+    process's peak resident set size (resource.getrusage; kilobytes on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "source": "torch.cuda.max_memory_allocated"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"bytes": int(rss if sys.platform == "darwin" else rss * 1024), "source": "process peak RSS"}
 
 
 def per_microbatch_ms(stage_times: dict, num_microbatches: int) -> list[Optional[float]]:

@@ -313,8 +313,8 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
                           "--out", str(tmp_path / "run")], cwd=ROOT, env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2
-    assert res.stderr.strip() == "pipenag train: error: cannot split 4 blocks into 8 stages: each stage " \
-                                 "needs at least one block"
+    assert res.stderr.strip() == "pipenag train: error: pipeline.num_stages=8 with model.n_layer=4: cannot split 4 " \
+                                 "blocks into 8 stages: each stage needs at least one block"
 
 
 # ------------------------------------------------------------------------------ every method
