@@ -18,7 +18,7 @@ import torch
 
 from pipenag.config import Config, ModelConfig, OptimConfig
 from pipenag.engine.sim import Simulator
-from pipenag.engine.stage import StageRunner, make_runner
+from pipenag.engine.stage import StageRunner, compute_call, make_runner
 from pipenag.link.messages import codecs
 from pipenag.methods import ResolvedMethod, resolve
 from pipenag.model import lm_loss, set_unigram_bias
@@ -57,7 +57,8 @@ class PipelineParts:
         return Simulator(self.stages, lm_loss, self.optimizers, r.schedule, stash=r.stash, lr_fns=self.lr_fns,
                          grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
                          forward_prediction=r.forward_prediction, record=record, activation_codec=act,
-                         gradient_codec=grad, delay_compensation=r.delay_compensation)
+                         gradient_codec=grad, delay_compensation=r.delay_compensation,
+                         autocast_dtype=compute_dtype(self.cfg))
 
     def runner(self, stage_idx: int, record: Optional[list] = None) -> StageRunner:
         r = self.resolved
@@ -65,7 +66,7 @@ class PipelineParts:
                            lm_loss, stash=r.stash, lr_fn=self.lr_fns[stage_idx],
                            grad_clip=self.cfg.optim.grad_clip, predict=r.predict,
                            forward_prediction=r.forward_prediction, record=record,
-                           delay_compensation=r.delay_compensation)
+                           delay_compensation=r.delay_compensation, autocast_dtype=compute_dtype(self.cfg))
 
     @property
     def num_params(self) -> int:
@@ -144,14 +145,20 @@ def memory_report(parts: PipelineParts) -> list[dict]:
     return report
 
 
+def compute_dtype(cfg: Config) -> Optional[torch.dtype]:
+    """The autocast dtype of run.dtype (None for float32)."""
+    return None if cfg.run.dtype == "float32" else getattr(torch, cfg.run.dtype)
+
+
 @torch.no_grad()
-def evaluate(stages, batches, activation_codec=None) -> float:
+def evaluate(stages, batches, activation_codec=None, autocast_dtype: Optional[torch.dtype] = None) -> float:
     """Mean loss of the chained stage modules (their current weights) over (x, y) batches, with
-    the activations between stages through `activation_codec` (as the runtime sends them)."""
+    the activations between stages through `activation_codec` (as the runtime sends them) and
+    the compute in `autocast_dtype` (compute_call)."""
     total = 0.0
     for x, y in batches:
         for k, stage in enumerate(stages):
-            x = stage(x)
+            x = compute_call(stage, x, autocast_dtype)
             if activation_codec is not None and k < len(stages) - 1:
                 x = activation_codec.roundtrip(x)
         total += float(lm_loss(x, y))

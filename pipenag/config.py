@@ -277,6 +277,11 @@ class RunConfig:
     tensorboard: bool = False
     """Also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard (needs the
     `tensorboard` package: pip install 'pipenag[tensorboard]')."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype: "bfloat16" runs every stage's forward (and its recomputation, and
+    validation) under torch.autocast; the weights (fp32 master copy), optimizer state, stashed
+    versions, gradients and the messages between stages stay float32. Both engines run the same
+    code, so they agree bit for bit on CPU in either dtype."""
     peak_tflops: float = 0.0
     """The device's peak TFLOP/s that MFU is reported against; 0 = look it up by the CUDA
     device name (pipenag.plan.PEAK_TFLOPS: dense bf16), unknown (MFU null) on a CPU."""

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipenag.build import build_pipeline, evaluate, memory_report
+from pipenag.build import build_pipeline, compute_dtype, evaluate, memory_report
 from pipenag.checkpoint import SIM_PART, CheckpointStore
 from pipenag.config import Config
 from pipenag.data import build_data
@@ -90,7 +90,7 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
             batch = [data.train.get((update - 1) * M + i) for i in range(M)]
             loss = sim.step([(x.to(device), y.to(device)) for x, y in batch])
             rec.after_step(update)
-            val = (evaluate(parts.stages, val_batches, sim.activation_codec)
+            val = (evaluate(parts.stages, val_batches, sim.activation_codec, compute_dtype(cfg))
                    if rec.is_eval(update) and math.isfinite(loss) else None)
             rec.record(update, loss, val)
             if rec.is_checkpoint(update):

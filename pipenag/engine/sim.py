@@ -45,6 +45,7 @@ class Simulator:
             activation passed forward and every gradient passed backward between stages, the
             quantize -> dequantize that the runtime's transport applies on the wire.
         delay_compensation: DC-ASGD's lambda of every stage (0: off; StageRunner).
+        autocast_dtype: compute dtype under torch.autocast (None: float32; StageRunner).
 
     `step(microbatches)` takes M (input, target) pairs, runs them with exactly the weight
     versions the schedule dictates, makes one update per stage with the gradient of the mean
@@ -68,6 +69,7 @@ class Simulator:
         activation_codec=None,
         gradient_codec=None,
         delay_compensation: float = 0.0,
+        autocast_dtype: Optional[torch.dtype] = None,
     ):
         if len(stages) < 1:
             raise ValueError("stages: need at least one stage module")
@@ -86,7 +88,7 @@ class Simulator:
             make_runner(schedule, k, module, optimizers[k], loss_fn, stash=stash,
                         lr_fn=lr_fns[k] if lr_fns is not None else None, grad_clip=grad_clip,
                         predict=predict, predict_decay=predict_decay, forward_prediction=forward_prediction,
-                        record=record, delay_compensation=delay_compensation)
+                        record=record, delay_compensation=delay_compensation, autocast_dtype=autocast_dtype)
             for k, module in enumerate(stages)
         ]
         self.num_updates = 0

@@ -123,6 +123,9 @@ class StageRunner:
         forward_prediction: the scale s of forward weight prediction (0: off).
         record: a list to append a Record per forward and backward to, or None.
         delay_compensation: DC-ASGD's lambda >= 0 (0: off; see the module docstring).
+        autocast_dtype: run the module under torch.autocast in this dtype (torch.bfloat16; None:
+            float32). Weights, optimizer state, stashed versions, gradients and the stage's
+            output stay float32 (compute_call).
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class StageRunner:
         forward_prediction: float = 0.0,
         record: Optional[list] = None,
         delay_compensation: float = 0.0,
+        autocast_dtype: Optional[torch.dtype] = None,
     ):
         if forward_prediction < 0:
             raise ValueError(f"forward_prediction={forward_prediction}: must be >= 0 (0 = off)")
@@ -161,6 +165,7 @@ class StageRunner:
         self.extrapolation = forward_prediction * schedule.staleness(stage_idx)
         self.record = record
         self.delay_compensation = delay_compensation
+        self.autocast_dtype = autocast_dtype
         # The weights the backwards since the last step were taken on, and their version
         # (Record's numbering): w_stale of delay compensation.
         self.grad_weights: Optional[list[torch.Tensor]] = None
@@ -225,8 +230,9 @@ class StageRunner:
 
     def _call(self, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if weights is self.params:
-            return self.module(x)
-        return functional_call(self.module, dict(zip(self.names, weights)), (x,))
+            return compute_call(self.module, x, self.autocast_dtype)
+        return compute_call(lambda inp: functional_call(self.module, dict(zip(self.names, weights)), (inp,)), x,
+                            self.autocast_dtype)
 
     def _log(self, kind: str, microbatch: int, version: int) -> None:
         if self.record is not None:
@@ -393,10 +399,24 @@ class StageRunner:
         self.grad_weights = self.grad_version = None
 
 
+def compute_call(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """module(x), under torch.autocast(autocast_dtype) when one is given, with the result cast
+    back to float32: what travels between stages, the loss's input and the stashed graphs' ends
+    stay float32, so run.dtype changes the compute and nothing else (both engines call this,
+    for training and validation alike)."""
+    if autocast_dtype is None:
+        return module(x)
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+        out = module(x)
+    return out.float()
+
+
 def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer, loss_fn, *,
                 stash: bool = True, lr_fn: Optional[Callable[[int], float]] = None, grad_clip: float = 0.0,
                 predict: bool = False, predict_decay: float = 0.9, forward_prediction: float = 0.0,
-                record: Optional[list] = None, delay_compensation: float = 0.0) -> StageRunner:
+                record: Optional[list] = None, delay_compensation: float = 0.0,
+                autocast_dtype: Optional[torch.dtype] = None) -> StageRunner:
     """The StageRunner of one stage, as both engines build it: `loss_fn` is kept on the last
     stage only, `predict` adds PipeMare's WeightPredictor (backward) where the stage has a
     delay, `forward_prediction` > 0 turns on forward weight prediction with that scale,
@@ -422,7 +442,7 @@ def make_runner(schedule: Schedule, stage_idx: int, module: nn.Module, optimizer
                        loss_fn=loss_fn if stage_idx == schedule.num_stages - 1 else None,
                        lr_fn=lr_fn, grad_clip=grad_clip, predictor=predictor,
                        forward_prediction=forward_prediction, record=record,
-                       delay_compensation=delay_compensation)
+                       delay_compensation=delay_compensation, autocast_dtype=autocast_dtype)
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from pipenag import faults
 from pipenag.checkpoint import CheckpointStore, stage_part
 from pipenag.config import Config
+from pipenag.engine.stage import compute_call
 from pipenag.model import lm_loss
 from pipenag.procs import die_with_parent
 from pipenag.run import (NonFiniteLoss, Recorder, check_same_run, default_threads, final_line, preflight, resume_mode,
@@ -225,7 +226,9 @@ class StageTraining:
         self._loss_sums[u] = self._loss_sums.get(u, 0.0) + float(loss)
 
     def eval_forward(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        out = self.module(x)
+        from pipenag.build import compute_dtype
+
+        out = compute_call(self.module, x, compute_dtype(self.cfg))
         return lm_loss(out, y) if self.last else out
 
     def after_update(self, update: int, val_loss: Optional[float]) -> None:
