@@ -88,6 +88,7 @@ class Sweep:
     out: Path = Path("runs/sweep")
     sync: dict[str, bool] = field(default_factory=dict)  # variant label -> synchronous schedule
     k1_controls: bool = True  # run every asynchronous variant's K = 1 control
+    wallclock: bool = False  # report the wall-clock model's columns (pipenag.wallclock)
 
     def is_sync(self, variant: Variant) -> bool:
         """Whether the variant's schedule flushes (its numbers do not depend on K)."""
@@ -320,7 +321,7 @@ def build_sweep(args: argparse.Namespace, cfg: Config) -> Sweep:
         cfg = cfg.with_overrides(["--run.threads=1"])
     sweep = Sweep(cfg, variants, {v.label: own.get(v.label, stages) for v in variants}, seeds,
                   lrs, parse_grid(args.grid or []), args.tune_lr, args.tune_seed, tune_stages=args.tune_stages,
-                  out=Path(args.out), k1_controls=not args.no_k1_controls)
+                  out=Path(args.out), k1_controls=not args.no_k1_controls, wallclock=args.wallclock)
     for v in variants:
         for k in sweep.stages[v.label] + ([args.tune_stages] if args.tune_stages else []):
             for g in sweep.grid:
@@ -405,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune-stages", type=int, default=0, metavar="K",
                         help="tune each method's lr at this K only and use it at every K (one lr per method, "
                              "so the K = 1 control has the lr of every K); default: tune every (method, K)")
+    parser.add_argument("--wallclock", action="store_true",
+                        help="also report the wall-clock model's seconds per update of every run (its [link], "
+                             "codecs and in_flight; stage costs calibrated on this machine, cached) and the wall "
+                             "time to target")
     parser.add_argument("--no-k1-controls", action="store_true",
                         help="skip the K = 1 control runs of the asynchronous methods (when another sweep has "
                              "them, or when a variant is its base method at K = 1, as link compression is: "

@@ -19,7 +19,11 @@ Per (method, K, grid) row:
 - time to target: the same point on the simulated-time axis (pipenag.timing with per-stage
   FLOP costs, pipenag.compare.stage_forward_costs) as a ratio to gpipe's at the same K;
 - memory: the weight versions held, as a multiple of the model (sum over stages of versions x
-  stage parameters / all parameters), and the optimizer state in bytes per parameter byte.
+  stage parameters / all parameters), and the optimizer state in bytes per parameter byte;
+- with `sweep --wallclock`: the wall-clock model's seconds per update of each run's config (its
+  [link], codecs and in_flight depths included; pipenag.wallclock, stage costs calibrated on
+  this machine) and the wall time to target (updates to the target x that), as a ratio to
+  gpipe's at the same K.
 The target defaults to gpipe's mean final loss (the synchronous baseline).
 """
 
@@ -35,7 +39,8 @@ from pipenag.metrics import dumps, read_metrics
 
 RUN_FIELDS = ["method", "schedule", "stages", "trained_stages", "seed", "lr", "grid", "tuning", "chosen_lr", "status",
               "val_loss", "updates",
-              "tokens", "microbatches_per_update", "weight_memory", "optimizer_state_per_param", "wall_time_s"]
+              "tokens", "microbatches_per_update", "weight_memory", "optimizer_state_per_param", "wall_time_s",
+              "model_s_per_update"]
 CURVE_FIELDS = ["method", "stages", "seed", "lr", "grid", "step", "tokens", "val_loss", "sim_time"]
 BASELINE = "gpipe"
 
@@ -62,6 +67,7 @@ def collect_runs(sweep, specs, done: dict[str, dict], chosen: dict[tuple, float]
         params = sum(m["param_bytes"] for m in memory) or 1
         ks = sweep.stages[spec.variant.label] if sweep.is_sync(spec.variant) else [spec.stages]
         for k in ks:
+            model_s = _model_seconds(cfg, k) if getattr(sweep, "wallclock", False) else None
             M = summary["microbatches_per_update"]
             schedule = Schedule(summary["schedule"], k, M)
             forward = stage_forward_costs(cfg.model, k, summary["vocab_size"])
@@ -80,12 +86,22 @@ def collect_runs(sweep, specs, done: dict[str, dict], chosen: dict[tuple, float]
                 "optimizer_state_per_param": (sum(m["optimizer_state_bytes"] for m in memory) / params
                                               if memory else None),
                 "wall_time_s": summary.get("wall_time_s"),
+                "model_s_per_update": model_s,
                 "evals": [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"],
                            # rounded as curves.csv stores it, so the report of the data files
                            # is the report of the sweep
                            "sim_time": round(done_at[r["step"] - 1], 3)} for r in evals],
             })
     return records
+
+
+def _model_seconds(cfg, num_stages: int) -> float:
+    """The wall-clock model's seconds per update of `cfg` at `num_stages` stages with its [link]
+    and depths (pipenag.wallclock: stage costs calibrated on this machine, cached per config)."""
+    from pipenag.wallclock import calibrate, predict
+
+    cfg_k = cfg.with_overrides([f"--pipeline.num_stages={num_stages}"])
+    return predict(cfg_k, calibrate(cfg_k)).steady_s_per_update
 
 
 def _weight_memory(schedule, memory: list[dict], num_stages: int) -> float:
@@ -131,7 +147,8 @@ def read_data(folder: Path) -> list[dict]:
                  "tokens": int(row["tokens"]), "microbatches_per_update": int(row["microbatches_per_update"]),
                  "weight_memory": num(row["weight_memory"]),
                  "optimizer_state_per_param": num(row["optimizer_state_per_param"]),
-                 "wall_time_s": num(row["wall_time_s"]), "evals": []}
+                 "wall_time_s": num(row["wall_time_s"]), "model_s_per_update": num(row.get("model_s_per_update", "")),
+                 "evals": []}
             records.append(r)
             by_key[(r["method"], r["stages"], r["seed"], r["lr"], r["grid"])] = r
     with open(folder / "curves.csv", newline="") as f:
@@ -203,6 +220,7 @@ def build_rows(records: list[dict], chosen: dict[tuple, float], target: Optional
                "final": [r["val_loss"] for r in runs], "diverged": len(runs) - len(ok),
                "val_loss_mean": mean, "val_loss_std": std,
                "weight_memory": runs[0]["weight_memory"] if runs else None,
+               "model_s_per_update": runs[0].get("model_s_per_update") if runs else None,
                "optimizer_state_per_param": runs[0]["optimizer_state_per_param"] if runs else None}
         # Delay penalty: paired by seed against K = 1 at the same lr (none for the synchronous
         # schedules, whose runs are the same at every K).
@@ -217,12 +235,19 @@ def build_rows(records: list[dict], chosen: dict[tuple, float], target: Optional
         row["curve"] = curve
         row["tokens_to_target"] = crossing(curve, target, "tokens") if math.isfinite(target) else None
         row["time_to_target"] = crossing(curve, target, "sim_time") if math.isfinite(target) else None
+        # The wall-clock model's time to target: the updates to the target (tokens / tokens per
+        # update) times the modelled seconds per update of this run's config, link and depths.
+        per_update = runs[0]["tokens"] / runs[0]["updates"] if runs and runs[0]["updates"] else None
+        row["wall_to_target_s"] = (row["tokens_to_target"] / per_update * row["model_s_per_update"]
+                                   if row["tokens_to_target"] is not None and per_update
+                                   and row["model_s_per_update"] is not None else None)
         rows.append(row)
     for row in rows:  # ratios against gpipe of the same grid (time: at the same K)
         ref = [r for r in rows if r["method"] == BASELINE and r["grid"] == row["grid"]]
         ref_k = [r for r in ref if r["stages"] == row["stages"]]
         row["tokens_ratio"] = _ratio(row["tokens_to_target"], ref[0]["tokens_to_target"] if ref else None)
         row["time_ratio"] = _ratio(row["time_to_target"], ref_k[0]["time_to_target"] if ref_k else None)
+        row["wall_ratio"] = _ratio(row["wall_to_target_s"], ref_k[0]["wall_to_target_s"] if ref_k else None)
     return rows, target
 
 
@@ -239,7 +264,8 @@ def _f(x, fmt: str = ".4f", none: str = "n/a") -> str:
 
 TABLE_FIELDS = ["method", "stages", "grid", "lr", "seeds", "diverged", "val_loss_mean", "val_loss_std",
                 "delay_penalty", "delay_penalty_se", "tokens_to_target", "tokens_ratio", "time_to_target",
-                "time_ratio", "weight_memory", "optimizer_state_per_param"]
+                "time_ratio", "weight_memory", "optimizer_state_per_param", "model_s_per_update", "wall_to_target_s",
+                "wall_ratio"]
 
 
 def write_tables(rows: list[dict], target: float, out: Path, header: str = "") -> None:
@@ -254,6 +280,10 @@ def write_tables(rows: list[dict], target: float, out: Path, header: str = "") -
              "| method | K | lr | seeds | final val loss (mean +- std) | delay penalty (+- s.e.) | tokens to target "
              "| vs gpipe | time to target vs gpipe | weight memory | opt. state / param |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    wall = any(r.get("model_s_per_update") is not None for r in rows)
+    if wall:  # the wall-clock model's columns (sweep --wallclock)
+        lines[-2] += " model s / update | wall time to target (model) | vs gpipe |"
+        lines[-1] += "---|---|---|"
     for r in rows:
         method = r["method"] + (f" [{r['grid']}]" if r["grid"] else "")
         n = len(r["seeds"]) - r["diverged"]
@@ -264,7 +294,9 @@ def write_tables(rows: list[dict], target: float, out: Path, header: str = "") -
         tokens = "not reached" if r["tokens_to_target"] is None else f"{r['tokens_to_target']:,.0f}"
         lines.append(f"| `{method}` | {r['stages']} | {r['lr']:g} | {seeds} | {final} | {penalty} | {tokens} | "
                      f"{_f(r['tokens_ratio'], '.2f', '-')} | {_f(r['time_ratio'], '.2f', '-')} | "
-                     f"{_f(r['weight_memory'], '.2f', '-')}x | {_f(r['optimizer_state_per_param'], '.2f', '-')} |")
+                     f"{_f(r['weight_memory'], '.2f', '-')}x | {_f(r['optimizer_state_per_param'], '.2f', '-')} |"
+                     + (f" {_f(r.get('model_s_per_update'), '.4f', '-')} | {_f(r.get('wall_to_target_s'), '.1f', '-')} | "
+                        f"{_f(r.get('wall_ratio'), '.2f', '-')} |" if wall else ""))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -214,3 +214,41 @@ def test_bad_sweeps_fail_before_any_run(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("pipenag sweep: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_wallclock_columns_are_the_models_seconds(serial, tmp_path, monkeypatch, capsys):
+    """--wallclock adds the wall-clock model's seconds per update of every run (calibrated,
+    cached) and the wall time to target = updates to the target x those seconds."""
+    import json
+    import shutil
+
+    from pipenag.config import Config
+    from pipenag.wallclock import calibrate, predict
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the calibration cache
+    out = tmp_path / "copy"
+    shutil.copytree(serial, out)
+    for path in out.glob("runs/**/config.json"):  # the copies' run folders are their own
+        saved = json.loads(path.read_text())
+        saved["run"]["out_dir"] = saved["run"]["out_dir"].replace(str(serial), str(out))
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    assert cli_main([*ARGS, "--jobs", "1", "--out", str(out), "--report-only", "--wallclock", "--target", "5.5"]) == 0
+    assert "wall time to target (model)" in (out / "summary.md").read_text()
+    rows = {(r["method"], r["stages"]): r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    runs = read_runs(out)
+    key = next(k for k, r in runs.items() if k[:2] == ("pipedream", "2") and r["tuning"] == "False"
+               and r["chosen_lr"] == "True")
+    folder = next(out.glob(f"runs/pipedream/K2/seed{key[2]}/lr{float(key[3]):g}"))
+    cfg = Config.from_dict(json.loads((folder / "config.json").read_text()))
+    assert float(runs[key]["model_s_per_update"]) == predict(cfg, calibrate(cfg)).steady_s_per_update
+    reached = [r for r in rows.values() if r["tokens_to_target"] is not None]
+    assert reached  # a loose target that every curve reaches
+    for r in reached:
+        run = next(v for k, v in read_runs(out, trained_only=False).items()
+                   if k[0] == r["method"] and k[1] == str(r["stages"]))
+        tokens_per_update = int(run["tokens"]) / int(run["updates"])
+        assert r["wall_to_target_s"] == pytest.approx(r["tokens_to_target"] / tokens_per_update
+                                                      * r["model_s_per_update"])
+    # gpipe at K = 2 stands for its K = 1 run, with the model's time of a 2-stage gpipe
+    assert rows[("gpipe", 2)]["model_s_per_update"] != rows[("gpipe", 1)]["model_s_per_update"]
