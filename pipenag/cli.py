@@ -7,8 +7,9 @@
     pipenag plan --config configs/paper-base.toml --tflops 989
     pipenag sweep --methods gpipe,pipedream,nesterov --stages 1,8 --seeds 1,2,3 --config configs/bench.toml
     pipenag bench optimizer --config configs/small.toml
+    pipenag data prepare --config configs/tiny.toml --out data/tiny --max-tokens 67108864
 
-Every subcommand that builds (or plans) a model (train, compare, sweep, bench, plan) takes --config, the shortcuts of
+Every subcommand that builds (or plans) a model (train, compare, sweep, bench, plan), and data prepare, takes --config, the shortcuts of
 pipenag.config.SHORTCUTS and `--section.key=value` overrides of the config. Errors a user can
 cause print one line and exit with status 2.
 """
@@ -54,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     from pipenag.plan import add_plan_arguments
 
     add_plan_arguments(plan)
+
+    data = sub.add_parser("data", help="data tools: prepare (tokenize the corpus once into memory-mapped shards)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenize data.source into token shards + manifest in --out DIR "
+                                               "(train from them with --data.source=shards:DIR)")
+    add_config_arguments(prep, skip=("out",))
+    prep.add_argument("--out", dest="shard_dir", metavar="DIR", required=True, help="the shard folder")
+    from pipenag.data.shards import DEFAULT_MAX_TOKENS
+
+    prep.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                      help=f"tokens per shard at most (default {DEFAULT_MAX_TOKENS})")
 
     sub.add_parser("sweep", help="methods x stages x seeds x lrs in parallel, with the comparison table "
                                  "(sweep --help for its options)", add_help=False)
@@ -129,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(config_from_args(args, rest), calibrate=args.calibrate, tflops=args.tflops,
                              as_json=args.json) or 0
+        if args.command == "data":
+            from pipenag.config import config_from_args
+            from pipenag.data.shards import prepare_main
+
+            return prepare_main(config_from_args(args, rest), args.shard_dir, args.max_tokens) or 0
     except ValueError as e:
         print(f"pipenag {args.command}: error: {e}", file=sys.stderr)
         return 2

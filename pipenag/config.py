@@ -97,11 +97,18 @@ class ModelConfig:
 class DataConfig:
     source: str = "builtin"
     """Corpus: "builtin" (the Python standard library's sources and docs, offline), a path to a
-    text file or a folder of text files, or "hf:NAME[:CONFIG]" for a Hugging Face dataset."""
-    tokenizer: Literal["bytes", "bpe"] = "bytes"
-    """"bytes" (256 symbols, no training) or "bpe" (trained on the training split, cached)."""
+    text file or a folder of text files, "hf:NAME[:CONFIG]" for a Hugging Face dataset, or
+    "shards:DIR" for the memory-mapped token shards that `pipenag data prepare --out DIR` wrote
+    (read without loading them; data.tokenizer and data.bpe_vocab_size must match them)."""
+    tokenizer: Literal["bytes", "bpe", "gpt2"] = "bytes"
+    """"bytes" (256 symbols, no training), "bpe" (trained on the training split, cached) or
+    "gpt2" (GPT-2's byte-level BPE, 50257 tokens: fetched once from the Hugging Face Hub into the
+    cache, or read from data.tokenizer_path)."""
+    tokenizer_path: str = ""
+    """A tokenizer.json (Hugging Face `tokenizers` format) to load instead of fetching ("gpt2")
+    or training ("bpe") one; offline, "gpt2" needs it (the gpt2 tokenizer.json of the Hub)."""
     bpe_vocab_size: int = 2048
-    """Vocabulary size of the BPE tokenizer."""
+    """Vocabulary size of the BPE tokenizer (a "bpe" tokenizer_path must have this size)."""
     val_fraction: float = 0.05
     """Fraction of the documents held out for validation (a deterministic split)."""
     max_chars: int = 4_000_000
@@ -110,6 +117,9 @@ class DataConfig:
     """Sequences per microbatch."""
     cache_dir: str = ""
     """Where tokenized corpora and trained tokenizers are cached ("" = ~/.cache/pipenag)."""
+    verify_shards: bool = False  # a size and header check per shard is always done: cheap
+    """With a "shards:DIR" source: also hash every shard against the manifest's sha256 before
+    training (reads each shard once)."""
 
     def __post_init__(self) -> None:
         _check_choices(self)

@@ -1,6 +1,7 @@
-"""Data: corpora, tokenizers and deterministic batches.
+"""Data: corpora, tokenizers, memory-mapped token shards and deterministic batches.
 
     python -m pipenag.data.batches --data.source=builtin --data.tokenizer=bytes
+    pipenag data prepare --config configs/tiny.toml --out data/tiny   # then --data.source=shards:data/tiny
 
 The names below are imported on first use (PEP 562), so that `python -m pipenag.data.<module>`
 runs a module that the package has not imported yet.
@@ -17,6 +18,11 @@ _EXPORTS = {
     "build_data": "batches",
     "fixed_batches": "batches",
     "tokenize_corpus": "batches",
+    "ShardSet": "shards",
+    "TokenShards": "shards",
+    "open_shards": "shards",
+    "prepare_shards": "shards",
+    "write_shards": "shards",
     "Corpus": "corpus",
     "corpus_from_hf_splits": "corpus",
     "load_corpus": "corpus",
@@ -25,6 +31,8 @@ _EXPORTS = {
     "ByteTokenizer": "tokenizer",
     "build_tokenizer": "tokenizer",
     "cache_root": "tokenizer",
+    "encode_chunks": "tokenizer",
+    "load_tokenizer_file": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,7 +40,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from pipenag.data.batches import BatchStream, DataBundle, build_data, fixed_batches, tokenize_corpus
     from pipenag.data.corpus import Corpus, corpus_from_hf_splits, load_corpus, split_documents
-    from pipenag.data.tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer, cache_root
+    from pipenag.data.shards import ShardSet, TokenShards, open_shards, prepare_shards, write_shards
+    from pipenag.data.tokenizer import (BPETokenizer, ByteTokenizer, build_tokenizer, cache_root, encode_chunks,
+                                        load_tokenizer_file)
 
 
 def __getattr__(name: str):

@@ -5,7 +5,9 @@
 Batch i of a BatchStream is a function of (seed, i) alone: a fresh generator seeded with
 seed * 1_000_003 + i picks its window starts. Resuming therefore only needs the number of
 batches already drawn (`state_dict()["position"]`), and any engine (the single-process
-simulator or one process per stage) can ask for microbatch j directly with `get(j)`.
+simulator or one process per stage) can ask for microbatch j directly with `get(j)`. The ids
+are a tensor in memory or, for data.source="shards:DIR", memory-mapped shards (TokenShards):
+the same tokens give the same batches either way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from pipenag.config import DataConfig
 from pipenag.data.corpus import Corpus, load_corpus
 from pipenag import atomic
+from pipenag.data.shards import SOURCE_PREFIX, TokenShards, open_shards
 from pipenag.data.tokenizer import ByteTokenizer, build_tokenizer, cache_root
 
 _SEED_STRIDE = 1_000_003  # batch i of seed s uses generator seed s * stride + i
@@ -56,8 +59,8 @@ def tokenize_corpus(corpus: Corpus, tokenizer,
     return train_ids, val_ids
 
 
-def _check_ids(ids: torch.Tensor, block_size: int, batch_size: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+def _check_ids(ids: torch.Tensor | TokenShards, block_size: int, batch_size: int) -> None:
+    if not isinstance(ids, (torch.Tensor, TokenShards)) or ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor of token ids, got {type(ids).__name__} "
                          f"of shape {tuple(getattr(ids, 'shape', ()))}")
     if block_size < 1:
@@ -74,15 +77,15 @@ class BatchStream:
     """Random windows of `block_size` + 1 tokens, `batch_size` per batch, reproducible by index.
 
     Args:
-        ids: (N,) token ids, N >= block_size + 1.
+        ids: (N,) token ids, N >= block_size + 1: a tensor, or TokenShards (read by window).
         block_size: tokens per training sequence T.
         batch_size: sequences per batch B.
         seed: the stream's seed.
     """
 
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, ids: torch.Tensor | TokenShards, block_size: int, batch_size: int, seed: int) -> None:
         _check_ids(ids, block_size, batch_size)
-        self.ids = ids.long()
+        self.ids = ids if isinstance(ids, TokenShards) else ids.long()
         self.block_size = block_size
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -97,7 +100,10 @@ class BatchStream:
         gen.manual_seed((self.seed * _SEED_STRIDE + index) % _SEED_MOD)
         # Start s is valid when s + block_size <= N - 1, i.e. s < N - block_size.
         starts = torch.randint(0, self.ids.numel() - self.block_size, (self.batch_size,), generator=gen)
-        windows = self.ids[starts[:, None] + self._offsets]  # (B, T+1)
+        if isinstance(self.ids, TokenShards):
+            windows = self.ids.windows(starts, self.block_size + 1)  # (B, T+1), only these tokens read
+        else:
+            windows = self.ids[starts[:, None] + self._offsets]  # (B, T+1)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T), (B, T)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,14 +149,15 @@ def fixed_batches(ids: torch.Tensor, block_size: int, batch_size: int, num_batch
 @dataclass
 class DataBundle:
     corpus: Corpus
-    """The loaded and split text."""
+    """The loaded and split text (for a shards: source, the original corpus's fingerprint and
+    document counts, with empty texts: the tokens are in the shards)."""
     tokenizer: object
     """A ByteTokenizer or BPETokenizer."""
     train: BatchStream
     """Training batches of shape (data.microbatch_size, block_size)."""
-    train_ids: torch.Tensor
-    """(N,) training tokens."""
-    val_ids: torch.Tensor
+    train_ids: torch.Tensor | TokenShards
+    """(N,) training tokens (TokenShards, memory-mapped, for a shards: source)."""
+    val_ids: torch.Tensor | TokenShards
     """(N,) validation tokens; use fixed_batches for evaluation."""
     vocab_size: int
     """The tokenizer's vocabulary size."""
@@ -168,12 +175,16 @@ def build_data(cfg: DataConfig, block_size: int, seed: int) -> DataBundle:
     Returns:
         A DataBundle.
     Raises:
-        ValueError: a bad source, a missing optional package, or a split shorter than
-            block_size + 1 tokens.
+        ValueError: a bad source, a missing optional package, a split shorter than
+            block_size + 1 tokens, or shards that fail open_shards' checks.
     """
-    corpus = load_corpus(cfg)
-    tokenizer = build_tokenizer(cfg, corpus)
-    train_ids, val_ids = tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
+    if cfg.source.startswith(SOURCE_PREFIX):
+        shards = open_shards(cfg)
+        corpus, tokenizer, train_ids, val_ids = shards.corpus(), shards.tokenizer, shards.train, shards.val
+    else:
+        corpus = load_corpus(cfg)
+        tokenizer = build_tokenizer(cfg, corpus)
+        train_ids, val_ids = tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
     if val_ids.numel() < block_size + 1:
         raise ValueError(f"the validation split has {val_ids.numel()} tokens, fewer than "
                          f"block_size + 1 = {block_size + 1}; raise data.max_chars or "

@@ -13,7 +13,9 @@ Sources:
     a path             a text file (cut into chunks so that both splits get some) or a folder of
                        *.txt, *.md, *.py files, searched recursively in sorted order.
     "hf:NAME[:CONFIG]" a Hugging Face dataset through the optional `datasets` package, using its
-                       "train" and "validation" splits and the "text" column.
+                       "train" and "validation" splits and the "text" column (WikiText-103:
+                       hf:wikitext:wikitext-103-raw-v1; `pipenag data prepare` shards it).
+"shards:DIR" (token shards, pipenag.data.shards) holds tokens, not text: build_data reads it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             source without the `datasets` package or network access.
     """
     source = cfg.source
+    if source.startswith("shards:"):
+        raise ValueError(f"data.source={source!r}: token shards hold no text; they are read by "
+                         "build_data (pipenag train), not loaded as a corpus")
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         if not name:
@@ -247,8 +252,9 @@ def _chunks(text: str, num_chunks: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- Hugging Face
 
-_HF_HINT = ("needs the `datasets` package and network access (pip install pipenag[hf]); "
-            "use data.source=builtin or a local path")
+_HF_HINT = ("needs the `datasets` package and network access (pip install pipenag[hf]) to fetch "
+            "the dataset once into ~/.cache/huggingface (HF_DATASETS_OFFLINE=1 then reads that cache); "
+            "or use data.source=builtin or a local path")
 
 
 def _load_hf(name: str, config: str | None):
@@ -259,8 +265,9 @@ def _load_hf(name: str, config: str | None):
     try:
         return datasets.load_dataset(name, config)
     except Exception as e:  # the library raises many types for "offline" and "not found"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"data.source=hf:{name}{':' + config if config else ''}: loading failed "
-                         f"({type(e).__name__}: {e}); the Hugging Face source {_HF_HINT}") from None
+                         f"({type(e).__name__}: {first_line}); the Hugging Face source {_HF_HINT}") from None
 
 
 def corpus_from_hf_splits(splits: Mapping[str, Iterable[Mapping[str, str]]], cfg: DataConfig,

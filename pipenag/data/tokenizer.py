@@ -1,4 +1,4 @@
-"""Tokenizers: raw UTF-8 bytes, or a byte-level BPE trained on the training split and cached.
+"""Tokenizers: raw UTF-8 bytes, a byte-level BPE trained on the training split, or GPT-2's.
 
     python -m pipenag.data.tokenizer bpe 2048
 
@@ -6,7 +6,10 @@ Both kinds expose `name`, `vocab_size`, `encode(str) -> list[int]`, `decode(list
 and `encode_tensor(str) -> LongTensor`. The BPE tokenizer (the optional `tokenizers` package,
 GPT-2 style byte-level pre-tokenization, no special tokens) is trained on the training text
 only, so validation text stays unseen, and saved under the cache folder keyed by the corpus
-fingerprint and the vocabulary size: the next run with the same corpus loads it.
+fingerprint and the vocabulary size: the next run with the same corpus loads it. "gpt2" is
+GPT-2's byte-level BPE (50257 tokens), fetched once from the Hugging Face Hub (openai-community/gpt2
+tokenizer.json) into the cache; offline, download that file elsewhere and point
+data.tokenizer_path at it. A tokenizer_path loads through `load_tokenizer_file` for "bpe" too.
 """
 
 from __future__ import annotations
@@ -61,15 +64,17 @@ class BPETokenizer:
 
     Args:
         tokenizer: a trained tokenizers.Tokenizer.
+        kind: "bpe" or "gpt2" (the data.tokenizer it stands for); starts the name.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, kind: str = "bpe") -> None:
         self.tokenizer = tokenizer
+        self.kind = kind
         self.vocab_size = tokenizer.get_vocab_size()
         # The name includes a hash of the merges, so that token caches can never mix two
         # different BPE models that share a vocabulary size.
         digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:8]
-        self.name = f"bpe{self.vocab_size}-{digest}"
+        self.name = f"bpe{self.vocab_size}-{digest}" if kind == "bpe" else f"{kind}-{self.vocab_size}-{digest}"
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -84,8 +89,44 @@ class BPETokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BPETokenizer":
-        return cls(_tokenizers().Tokenizer.from_file(str(path)))
+    def from_file(cls, path: str | Path, kind: str = "bpe") -> "BPETokenizer":
+        return cls(_tokenizers().Tokenizer.from_file(str(path)), kind)
+
+
+def load_tokenizer_file(path: str | Path, kind: str = "bpe") -> BPETokenizer:
+    """A tokenizer.json (Hugging Face `tokenizers` format) as a BPETokenizer.
+
+    Args:
+        path: the file (GPT-2's tokenizer.json, or one a "bpe" run saved).
+        kind: "bpe" or "gpt2", recorded in the tokenizer's name.
+    Raises:
+        ValueError: naming the file, when it is missing or not a tokenizer.json.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.tokenizer_path={str(path)!r}: no such file (expected a tokenizer.json)")
+    tk = _tokenizers()
+    try:
+        return BPETokenizer(tk.Tokenizer.from_file(str(path)), kind)
+    except Exception as e:  # the Rust loader raises a bare Exception for malformed JSON
+        raise ValueError(f"data.tokenizer_path={str(path)!r}: not a tokenizers tokenizer.json "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def encode_chunks(tokenizer, text: str, pieces_per_chunk: int = 64) -> Iterator[torch.Tensor]:
+    """`tokenizer.encode_tensor(text)` in consecutive pieces, for texts too large to encode at once.
+
+    The pieces are groups of the line-end cuts that BPETokenizer.encode makes anyway, so the
+    concatenation of the yielded (n,) LongTensors equals encode_tensor(text) exactly.
+    """
+    group: list[str] = []
+    for piece in _pieces(text):
+        group.append(piece)
+        if len(group) == pieces_per_chunk:
+            yield tokenizer.encode_tensor("".join(group))
+            group = []
+    if group:
+        yield tokenizer.encode_tensor("".join(group))
 
 
 def train_bpe(text: str, vocab_size: int) -> BPETokenizer:
@@ -113,18 +154,27 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus):
     """The tokenizer named by `cfg.tokenizer`; a BPE is loaded from the cache or trained.
 
     Args:
-        cfg: the data config (tokenizer, bpe_vocab_size, cache_dir).
+        cfg: the data config (tokenizer, tokenizer_path, bpe_vocab_size, cache_dir).
         corpus: the BPE is trained on corpus.train only.
     Returns:
         A ByteTokenizer or a BPETokenizer.
     Raises:
-        ValueError: "bpe" without the `tokenizers` package.
+        ValueError: "bpe" or "gpt2" without the `tokenizers` package, a bad tokenizer_path, a
+            "bpe" file of another size than bpe_vocab_size, or "gpt2" offline without a file.
     """
     if cfg.tokenizer == "bytes":
         return ByteTokenizer()
-    if cfg.tokenizer != "bpe":
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: must be \"bytes\" or \"bpe\"")
+    if cfg.tokenizer not in ("bpe", "gpt2"):
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: must be \"bytes\", \"bpe\" or \"gpt2\"")
     _tokenizers()  # fail before any work when the package is missing
+    if cfg.tokenizer == "gpt2":
+        return _gpt2_tokenizer(cfg)
+    if cfg.tokenizer_path:
+        bpe = load_tokenizer_file(cfg.tokenizer_path, "bpe")
+        if bpe.vocab_size != cfg.bpe_vocab_size:
+            raise ValueError(f"data.tokenizer_path={cfg.tokenizer_path!r}: a vocabulary of {bpe.vocab_size} tokens, "
+                             f"but data.bpe_vocab_size={cfg.bpe_vocab_size}; set one to match the other")
+        return bpe
     path = cache_root(cfg.cache_dir) / "tokenizers" / f"bpe{cfg.bpe_vocab_size}-{corpus.fingerprint}.json"
     if path.is_file():
         return BPETokenizer.from_file(path)
@@ -133,11 +183,36 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus):
     return bpe
 
 
+GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/tokenizer.json"
+
+
+def _gpt2_tokenizer(cfg: DataConfig) -> BPETokenizer:
+    """GPT-2's tokenizer: data.tokenizer_path, else the cached copy, else fetched and cached."""
+    if cfg.tokenizer_path:
+        return load_tokenizer_file(cfg.tokenizer_path, "gpt2")
+    path = cache_root(cfg.cache_dir) / "tokenizers" / "gpt2.json"
+    if path.is_file():
+        return load_tokenizer_file(path, "gpt2")
+    try:
+        tokenizer = _fetch_gpt2()
+    except Exception as e:  # offline: huggingface_hub raises its own types after retrying
+        raise ValueError(f'data.tokenizer="gpt2": could not fetch GPT-2\'s vocabulary ({type(e).__name__}); '
+                         f"download {GPT2_URL} and set data.tokenizer_path=/path/to/tokenizer.json "
+                         f"(or save it as {path})") from None
+    atomic.write_bytes(path, tokenizer.to_str().encode("utf-8"))
+    return BPETokenizer(tokenizer, "gpt2")
+
+
+def _fetch_gpt2():
+    """GPT-2's tokenizers.Tokenizer from the Hugging Face Hub (needs network access)."""
+    return _tokenizers().Tokenizer.from_pretrained("openai-community/gpt2")
+
+
 def _tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise ValueError('data.tokenizer="bpe" needs the `tokenizers` package: '
+        raise ValueError('data.tokenizer="bpe" (and "gpt2") needs the `tokenizers` package: '
                          "pip install pipenag[bpe] (or pip install tokenizers), "
                          'or use data.tokenizer="bytes"') from None
     return tokenizers
