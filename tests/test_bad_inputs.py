@@ -27,6 +27,10 @@ def files(tmp_path_factory):
     (root / "binary.dat").write_bytes(bytes(range(256)) * 8)
     (root / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 200)
     (root / "typo.toml").write_text("[optim]\nlrr = 1e-3\n")
+    shards = root / "shards"
+    assert main(["data", "prepare", "--config", TINY, "--data.max_chars=100000", "--out", str(shards)]) == 0
+    train_shard = sorted(shards.glob("train-*.bin"))[0]
+    train_shard.write_bytes(train_shard.read_bytes()[:-100])  # truncated, as a copy cut short
     return root
 
 
@@ -50,6 +54,8 @@ CASES = [
     ("data-binary", ["--out", "{run}", "--data.source={root}/binary.dat"], r"binary\.dat' is not a text file"),
     ("data-not-utf8", ["--out", "{run}", "--data.source={root}/latin1.txt"], r"latin1\.txt' is not UTF-8"),
     ("data-missing", ["--out", "{run}", "--data.source={root}/nope.txt"], r"nope\.txt"),
+    ("shard-truncated", ["--out", "{run}", "--config", TINY, "--data.max_chars=100000", "--data.source=shards:{root}/shards"],
+     r"train-00000\.bin"),
     ("toml-typo", ["--out", "{run}", "--config", "{root}/typo.toml"], r"unknown config key 'optim\.lrr'"),
     ("cli-typo", ["--out", "{run}", "--optim.lrr=1e-3"], r"unknown config key 'optim\.lrr'"),
     ("resume-other-model", ["--resume", "{run}", "--model.n_embd=64"], r"model\.n_embd=64 differs"),
