@@ -78,10 +78,13 @@ PEAK_TFLOPS = {  # dense bf16 tensor-core peaks (vendor data sheets), matched in
 
 def plan_vocab_size(cfg: Config) -> int:
     """The vocabulary the run's model gets: model.vocab_size, else the tokenizer's size
-    (256 for bytes; data.bpe_vocab_size for bpe, its upper bound)."""
+    (256 for bytes; 50257 for gpt2; data.bpe_vocab_size for bpe, its upper bound)."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    return 256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size
+    return {"bytes": 256, "gpt2": GPT2_VOCAB_SIZE}.get(cfg.data.tokenizer, cfg.data.bpe_vocab_size)
+
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2's byte-level BPE (pipenag.data.tokenizer, data.tokenizer = "gpt2")
 
 
 def meta_stages(cfg: Config, num_stages: int) -> tuple[ModelConfig, list]:

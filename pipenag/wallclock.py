@@ -114,7 +114,9 @@ def calibrate(cfg: Config, threads: int = 0, repeats: int = 8, warmup: int = 3, 
 
 
 def _measure(cfg: Config, build_pipeline, repeats: int, warmup: int):
-    vocab = cfg.model.vocab_size or (256 if cfg.data.tokenizer == "bytes" else cfg.data.bpe_vocab_size)
+    from pipenag.plan import plan_vocab_size
+
+    vocab = plan_vocab_size(cfg)
     train_ids = torch.randint(0, vocab, (4096,)) if cfg.model.unigram_head else None
     parts = build_pipeline(cfg, vocab, train_ids=train_ids)
     K, M = parts.resolved.schedule.num_stages, parts.resolved.schedule.num_microbatches
