@@ -52,10 +52,10 @@ def _choices(typ) -> tuple:
 # and pipenag.methods / pipenag.optim.factory check at import that they define exactly these.
 MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipemare", "nesterov",
                      "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp",
-                     "pipedream-ef", "muon-ef", "2bw-muon-ef", "pipedream-dc"]
+                     "pipedream-ef", "muon-ef", "2bw-muon-ef", "pipedream-dc", "zb-h1"]
 OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon",
                         "adamw-ef", "muon-ef"]
-ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw"]
+ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw", "zb-h1"]
 CodecName = Literal["none", "int8", "int4", "int4-hadamard"]  # pipenag.link.codec.CODECS
 
 
@@ -191,7 +191,7 @@ class PipelineConfig:
     num_microbatches: int = 0
     """Microbatches per update M; 0 = the method's default (4 for gpipe/1f1b/2bw, 1 for async)."""
     schedule: Literal["", ScheduleName] = ""
-    """Override the method's schedule: gpipe, 1f1b, pipedream, 2bw ("" = the method's)."""
+    """Override the method's schedule: gpipe, 1f1b, pipedream, 2bw, zb-h1 ("" = the method's)."""
     stash: Literal["", "on", "off"] = ""
     """Override weight stashing: "on", "off" ("" = the method's)."""
     predict_forward: Literal["", "on", "off"] = ""

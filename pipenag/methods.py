@@ -69,6 +69,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("pipedream-dc", "pipedream", True, "adamw", False, False, ("pipedream", "2bw"),
            "pipedream + DC-ASGD delay compensation g + lambda g*g (w_now - w_stale), lambda = optim.dc_lambda",
            delay_compensation=True),
+    # Zero bubble ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): the strongest
+    # synchronous baseline; its numbers are gpipe's (docs/schedules.md).
+    Method("zb-h1", "zb-h1", True, "adamw", False, False, ("zb-h1",),
+           "zero bubble ZB-H1 (backward split into B and W, 1F1B's memory), AdamW: same numbers as gpipe"),
 ]}
 assert set(METHODS) == set(typing.get_args(MethodName)), "pipenag.config.MethodName lists the methods"
 

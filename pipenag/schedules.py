@@ -8,8 +8,9 @@
     s.forward_version(0, 5)  # 2: stage 0's forward of microbatch 5 reads version 5 - 3
 
 An action is (stage, kind, index) with kind F (forward of a microbatch), B (backward of a
-microbatch) or S (optimizer step; index = the update, 0-based), written compactly as "2F0":
-stage 2, forward, microbatch 0. Microbatches are numbered globally 0, 1, 2, ... over the run.
+microbatch), W (weight-gradient half of a split backward, zb-h1 only; see below) or S
+(optimizer step; index = the update, 0-based), written compactly as "2F0": stage 2, forward,
+microbatch 0. Microbatches are numbered globally 0, 1, 2, ... over the run.
 Both engines execute these lists: the simulator in one process, the runtime one stage per
 process. Nothing here knows about communication.
 
@@ -18,6 +19,11 @@ optimizer updates. `Schedule.forward_version` and `Schedule.backward_version` gi
 version a microbatch's forward and backward use at a stage; the action lists are built so that
 this version is always available when the action runs (tests/test_schedules.py checks it by
 counting the steps that precede each action).
+
+Split backward (zb-h1, `Schedule.splits_backward`): B is then only the gradient of the stage
+input, which goes to the previous stage at once, and W the gradient of the weights (no
+communication). Zero bubble's ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR
+2024) delays the W passes into what would be the bubbles of 1F1B's cool-down.
 """
 
 from __future__ import annotations
@@ -25,26 +31,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
+SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw", "zb-h1")
 ASYNC_SCHEDULES = ("pipedream", "2bw")
+SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
 
 
 @dataclass(frozen=True)
 class Action:
     stage: int
-    kind: str  # "F", "B" or "S"
-    index: int  # microbatch for F and B, update for S
+    kind: str  # "F", "B", "W" or "S"
+    index: int  # microbatch for F, B and W, update for S
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.index}"
 
     @classmethod
     def parse(cls, text: str) -> "Action":
-        for kind in "FBS":
+        for kind in "FBWS":
             if kind in text:
                 stage, _, index = text.partition(kind)
-                return cls(int(stage), kind, int(index))
-        raise ValueError(f"action {text!r}: expected STAGE{{F,B,S}}INDEX such as '2F0'")
+                if stage.isdigit() and index.isdigit():
+                    return cls(int(stage), kind, int(index))
+        raise ValueError(f"action {text!r}: expected STAGE{{F,B,W,S}}INDEX such as '2F0'")
 
 
 DEFAULT_MICROBATCHES = 4
@@ -54,7 +62,7 @@ DEFAULT_MICROBATCHES = 4
 def microbatches_per_update(name: str, num_stages: int, requested: int = 0) -> int:
     """The microbatches per update M that schedule `name` runs when `requested` are asked for
     (0: DEFAULT_MICROBATCHES): pipedream makes one update per microbatch (always 1), 2bw needs
-    M >= num_stages (max(requested, K)), gpipe and 1f1b take `requested`."""
+    M >= num_stages (max(requested, K)), gpipe, 1f1b and zb-h1 take `requested`."""
     requested = requested or DEFAULT_MICROBATCHES
     if name == "pipedream":
         return 1
@@ -144,6 +152,12 @@ class Schedule:
     @property
     def asynchronous(self) -> bool:
         return self.name in ASYNC_SCHEDULES
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether the lists split each backward into B (input gradient) and W (weight
+        gradient): zb-h1. Otherwise B is the whole backward and there is no W."""
+        return self.name in SPLIT_BACKWARD_SCHEDULES
 
     def depth(self, stage_idx: int) -> int:
         """d_k: microbatches in flight at stage k of an asynchronous schedule (forward run,
@@ -255,4 +269,32 @@ def _async_1f1b(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[A
             yield Action(k, "S", j // M)
 
 
-_ACTIONS = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "pipedream": _async_1f1b, "2bw": _async_1f1b}
+def _zb_h1(s: Schedule, k: int, start: int, num_updates: int) -> Iterator[Action]:
+    # ZB-H1: 1F1B's F and B (so at most min(K - k, M) microbatches between F and B, 1F1B's
+    # memory), with each backward split into B and W. Stage k runs W(i - d) right after B(i),
+    # d = min(k, M): B's reach the late stages fastest at the start (the warm-up forwards
+    # arrive back to back), so there a stage can afford to postpone W's, and the d deferred
+    # W's fill its cool-down, where 1F1B waits for gradients. Every stage then holds the same
+    # K microbatches between F and W (with M >= K) and, with F = B = W and M >= K, the makespan
+    # is M (F + B + W) + (K - 1)(F + B - W) (docs/schedules.md). W's run in microbatch order, so
+    # the weight gradient is summed in gpipe's order; the step follows the last W (a flush).
+    M = s.num_microbatches
+    for u in range(start, num_updates):
+        base = u * M
+        warm = min(s.delay(k), M)
+        defer = min(k, M)
+        for i in range(warm):
+            yield Action(k, "F", base + i)
+        for i in range(M):
+            if warm + i < M:
+                yield Action(k, "F", base + warm + i)
+            yield Action(k, "B", base + i)
+            if i >= defer:
+                yield Action(k, "W", base + i - defer)
+        for i in range(M - defer, M):
+            yield Action(k, "W", base + i)
+        yield Action(k, "S", u)
+
+
+_ACTIONS = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "pipedream": _async_1f1b, "2bw": _async_1f1b,
+            "zb-h1": _zb_h1}

@@ -47,7 +47,7 @@ from pipenag.config import Config, add_config_arguments, config_from_args
 from pipenag.methods import resolve
 from pipenag.run import preflight
 
-SYNC_SCHEDULES = ("gpipe", "1f1b")
+SYNC_SCHEDULES = ("gpipe", "1f1b", "zb-h1")  # flushing: the numbers do not depend on K
 
 
 @dataclass(frozen=True)

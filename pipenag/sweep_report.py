@@ -224,7 +224,7 @@ def build_rows(records: list[dict], chosen: dict[tuple, float], target: Optional
                "optimizer_state_per_param": runs[0]["optimizer_state_per_param"] if runs else None}
         # Delay penalty: paired by seed against K = 1 at the same lr (none for the synchronous
         # schedules, whose runs are the same at every K).
-        if k > 1 and runs and runs[0]["schedule"] not in ("gpipe", "1f1b"):
+        if k > 1 and runs and runs[0]["schedule"] not in ("gpipe", "1f1b", "zb-h1"):
             base = {r["seed"]: r["val_loss"] for r in runs_of(method, 1, lr, grid) if r["status"] == "ok"}
             diffs = [r["val_loss"] - base[r["seed"]] for r in ok if r["seed"] in base and base[r["seed"]] is not None]
             if diffs:

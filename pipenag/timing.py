@@ -7,7 +7,8 @@ print(simulate(Schedule('gpipe', 4, 4), 10).makespan)"
 
 Each stage runs its action list (pipenag.schedules) in order. An action starts when its stage is
 free and its input has arrived: a forward at stage k > 0 needs the activation of the same
-microbatch from stage k-1, a backward at stage k < K-1 the gradient from stage k+1. A transfer
+microbatch from stage k-1, a backward at stage k < K-1 the gradient from stage k+1 (a W, the
+weight-gradient half of zb-h1's split backward, needs nothing from a neighbour). A transfer
 leaves when the producing action ends, occupies its link (one per direction between neighbours)
 for bytes / bandwidth, and arrives `latency` later. Sends never block the sender: this is the
 overlap of communication and computation the runtime implements.
@@ -60,16 +61,21 @@ def simulate(
     latency: float = 0.0,
     transfer_time: float = 0.0,
     backward_transfer_time: Optional[float] = None,
+    weight_time: Optional[float | Sequence[float]] = None,
 ) -> Timeline:
     """Event-simulate `num_updates` updates of `schedule`.
 
     Args:
         forward_time, backward_time, step_time: seconds (or any unit) per action, one value or
-            one per stage.
+            one per stage. With a split backward (zb-h1) and a weight_time, backward_time is
+            the B pass alone (the input gradient).
         latency: one-way link latency added to every transfer.
         transfer_time: time a transfer occupies its link (bytes / bandwidth).
         backward_transfer_time: the same for the gradients sent backward, when they are
             another size (a different codec); None = transfer_time.
+        weight_time: per W action (the weight gradient of a split backward, zb-h1), one value
+            or one per stage; None: backward_time is the whole backward, split in half between
+            B and W (what a caller that knows one backward time means). Unused without W.
     Returns:
         A Timeline with every action's start and end, the makespan, and per-stage busy time and
         utilization (busy / makespan).
@@ -80,6 +86,12 @@ def simulate(
     fwd = _per_stage(forward_time, K, "forward_time")
     bwd = _per_stage(backward_time, K, "backward_time")
     stp = _per_stage(step_time, K, "step_time")
+    if weight_time is not None:
+        wgt = _per_stage(weight_time, K, "weight_time")
+    elif schedule.splits_backward:
+        bwd = wgt = [b / 2 for b in bwd]
+    else:
+        wgt = [0.0] * K
     back_transfer = transfer_time if backward_transfer_time is None else backward_transfer_time
     if latency < 0 or transfer_time < 0 or back_transfer < 0:
         raise ValueError(f"latency={latency}, transfer_time={transfer_time}, backward_transfer_time="
@@ -91,7 +103,7 @@ def simulate(
     arrived: dict[tuple[int, str, int], float] = {}  # (receiving stage, kind, mb) -> arrival
     link_free: dict[tuple[int, int], float] = {}
     events: list[Event] = []
-    duration = {"F": fwd, "B": bwd, "S": stp}
+    duration = {"F": fwd, "B": bwd, "W": wgt, "S": stp}
 
     def send(src: int, dst: int, kind: str, mb: int, t: float) -> None:
         occupy = transfer_time if kind == "F" else back_transfer
@@ -266,17 +278,18 @@ def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
 
 def format_grid(schedule: Schedule, num_updates: int) -> str:
     """A text grid: one row per stage, one column per unit time slot (forward = backward = 1,
-    step = 0), computed by the timing model; then each stage's version table."""
-    timeline = simulate(schedule, num_updates)
+    and W = 1 for a split backward; step = 0), computed by the timing model."""
+    timeline = simulate(schedule, num_updates, weight_time=1.0)
     width = max(len(f"{e.action.kind}{e.action.index}") for e in timeline.events) + 1
     num_slots = int(round(timeline.makespan))
     lines = [f"{schedule.name}: {schedule.num_stages} stages, {schedule.num_microbatches} "
              f"microbatch(es) per update, {num_updates} updates (F/B = forward/backward of a "
-             f"microbatch, '.' = idle)"]
+             + ("microbatch, B = input gradient, W = weight gradient, " if schedule.splits_backward else "microbatch, ")
+             + "'.' = idle)"]
     for k in range(schedule.num_stages):
         cells = ["."] * num_slots
         for ev in timeline.events:
-            if ev.action.stage == k and ev.action.kind in "FB":
+            if ev.action.stage == k and ev.action.kind in "FBW":
                 cells[int(round(ev.start))] = f"{ev.action.kind}{ev.action.index}"
         lines.append(f"stage {k}: " + "".join(c.ljust(width) for c in cells).rstrip())
     lines.append(f"utilization: " + ", ".join(f"{u:.0%}" for u in timeline.utilization))

@@ -227,8 +227,11 @@ def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backw
                        cores: int) -> Timeline:
     """The event loop of simulate_shared (tests run it with cores >= K against simulate)."""
     K = schedule.num_stages
-    duration = {"F": _per_stage(forward_time, K, "forward_time"), "B": _per_stage(backward_time, K, "backward_time"),
-                "S": _per_stage(step_time, K, "step_time")}
+    bwd = _per_stage(backward_time, K, "backward_time")
+    if schedule.splits_backward:  # zb-h1: the whole backward split in half between B and W (as simulate())
+        bwd = [b / 2 for b in bwd]
+    duration = {"F": _per_stage(forward_time, K, "forward_time"), "B": bwd, "W": bwd if schedule.splits_backward
+                else [0.0] * K, "S": _per_stage(step_time, K, "step_time")}
     back = transfer_time if backward_transfer_time is None else backward_transfer_time
     lists = schedule.all_actions(num_updates)
     pos, busy = [0] * K, [0.0] * K

@@ -33,6 +33,7 @@ def cfg_for(method, *extra, stages=4, steps=100):
 EXPECTED = {
     "gpipe": ("gpipe", None, "adamw", 4, False, False, False),
     "1f1b": ("1f1b", None, "adamw", 4, False, False, False),
+    "zb-h1": ("zb-h1", None, "adamw", 4, False, False, False),
     "pipedream": ("pipedream", True, "adamw", 1, False, False, False),
     "2bw": ("2bw", True, "adamw", 4, False, False, False),
     "pipedream-lr": ("pipedream", True, "adamw", 1, True, False, False),

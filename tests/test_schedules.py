@@ -105,10 +105,10 @@ def test_microbatches_in_flight(name, K, M):
     for k in range(K):
         in_flight, most = 0, 0
         for a in s.actions(k, n):
-            in_flight += {"F": 1, "B": -1, "S": 0}[a.kind]
+            in_flight += {"F": 1, "B": -1, "W": 0, "S": 0}[a.kind]  # zb-h1's W: tests/test_zero_bubble.py
             most = max(most, in_flight)
         tau = K - 1 - k
-        expected = {"gpipe": M, "1f1b": min(tau + 1, M)}.get(name, min(tau + 1, n * M))
+        expected = {"gpipe": M, "1f1b": min(tau + 1, M), "zb-h1": min(tau + 1, M)}.get(name, min(tau + 1, n * M))
         assert most == expected, (k, most, expected)
 
 

@@ -13,7 +13,7 @@ from pipenag.timing import simulate
 from pipenag.wallclock import StageCosts, _processor_sharing, calibrate, predict, simulate_shared
 
 SCHEDULES = [("pipedream", 4, 1, ()), ("gpipe", 4, 4, ()), ("1f1b", 3, 2, ()), ("pipedream", 4, 1, (8, 6, 4, 1)),
-             ("2bw", 3, 3, ())]
+             ("2bw", 3, 3, ()), ("zb-h1", 4, 6, ())]
 
 
 @pytest.mark.parametrize("name,K,M,depths", SCHEDULES)

@@ -6,7 +6,7 @@
 
 K worker processes (gloo on 127.0.0.1) run the real executor (pipenag.runtime.executor) and
 transport under each schedule, one after another with a barrier in between. A stage sleeps
-`compute-ms` per forward and per backward and does nothing in its step, so the measurement
+`compute-ms` per forward and per backward (zb-h1: half in B, half in W) and does nothing in its step, so the measurement
 is the schedule and the runtime's overhead, not arithmetic: sleeping stages also let 8 processes
 share 2 cores honestly. Every stage checks that each message it receives carries the microbatch
 it expects. All schedules run the same number of microbatches (updates x M; pipedream makes one
@@ -50,8 +50,8 @@ from pipenag.link.messages import codecs
 from pipenag.schedules import ASYNC_SCHEDULES, Schedule, microbatches_per_update
 from pipenag.timing import plan_in_flight, simulate
 
-SCHEDULES = ("pipedream", "2bw", "gpipe", "1f1b")
-SYNC = ("gpipe", "1f1b")
+SCHEDULES = ("pipedream", "2bw", "gpipe", "1f1b", "zb-h1")
+SYNC = ("gpipe", "1f1b", "zb-h1")
 
 
 class SleepStage:
@@ -87,6 +87,18 @@ class SleepStage:
             self._check("the gradient", microbatch, grad)
         time.sleep(self.backward_s)
         return None if self.is_first else torch.full(self.shape, float(microbatch))
+
+    # zb-h1 splits the backward: half of backward_s for B (the input gradient, sent at once)
+    # and half for W (the weight gradient), which is also what pipenag.timing.simulate assumes
+    # for it when given only one backward time.
+    def backward_input(self, microbatch: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        if not self.is_last:
+            self._check("the gradient", microbatch, grad)
+        time.sleep(self.backward_s / 2)
+        return None if self.is_first else torch.full(self.shape, float(microbatch))
+
+    def backward_weight(self, microbatch: int) -> None:
+        time.sleep(self.backward_s / 2)
 
     def step(self) -> None:
         pass

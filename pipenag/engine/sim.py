@@ -10,6 +10,12 @@ one after another (forward through all stages, backward through all stages, then
 that are due) reproduces an asynchronous pipeline exactly, provided each stage reads the
 version the schedule prescribes. The per-stage work is done by StageRunner, the same code the
 multi-process runtime runs, so both engines produce the same numbers bit for bit.
+
+With a split backward (zb-h1, Schedule.splits_backward) the backward through all stages is
+the B half (the input gradients), and each stage's W halves (the weight gradients) run after
+the update's last microbatch, in microbatch order, right before the steps: as in the
+runtime's lists, every stage adds its W's in microbatch order, and that order is all that
+decides the accumulated gradient (tests/test_zero_bubble.py).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ class Simulator:
         loss_fn: loss_fn(last stage output, target) -> scalar mean loss of a microbatch.
         optimizers: one torch optimizer per stage.
         schedule: a Schedule over len(stages) stages, or its name ("gpipe", "1f1b",
-            "pipedream" or "2bw") with `num_microbatches`.
+            "pipedream", "2bw" or "zb-h1") with `num_microbatches`.
         stash: weight stashing (the backward uses the forward's weights) or not.
         num_microbatches: microbatches per update M when `schedule` is a name (pipedream: 1;
             2bw: >= len(stages)).
@@ -104,6 +110,7 @@ class Simulator:
         if len(microbatches) != M:
             raise ValueError(f"step() got {len(microbatches)} microbatches; this schedule takes {M} per update")
         first = self.num_updates * M
+        split = self.schedule.splits_backward
         total = 0.0
         for i, (x, y) in enumerate(microbatches):
             mb = first + i
@@ -114,9 +121,13 @@ class Simulator:
             total += float(x)
             grad = None
             for runner in reversed(self.runners):
-                grad = runner.backward(mb, grad)
+                grad = runner.backward_input(mb, grad) if split else runner.backward(mb, grad)
                 if not runner.is_first and self.gradient_codec is not None:
                     grad = self.gradient_codec.roundtrip(grad)
+        if split:
+            for runner in self.runners:
+                for mb in range(first, first + M):
+                    runner.backward_weight(mb)
         for runner in self.runners:
             runner.step()
         self.num_updates += 1

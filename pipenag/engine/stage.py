@@ -68,7 +68,7 @@ class Record:
     the versions a running engine actually used."""
 
     stage: int
-    kind: str  # "F" or "B"
+    kind: str  # "F" or "B" (a split backward records its B half)
     microbatch: int
     version: int  # -1 for a PipeMare-predicted backward (not a stored version)
 
@@ -177,6 +177,9 @@ class StageRunner:
         # include the current version when a graph built on it outlives the next step).
         self.snapshots: dict[int, list[torch.Tensor]] = {}
         self.pending: dict[int, _Pending] = {}
+        # Split backward (zb-h1): microbatch -> (graph context, output gradient) between its
+        # backward_input and its backward_weight.
+        self.awaiting_weight: dict[int, tuple[_Pending, Optional[torch.Tensor]]] = {}
         self.next_forward = 0  # lowest microbatch not yet forwarded
 
     # -- versions ---------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class StageRunner:
         graph was built on, and each pending recompute's backward version."""
         s, k = self.schedule, self.stage_idx
         needed = [self._oldest_read(self.next_forward)]
-        for mb, ctx in self.pending.items():
+        for mb, ctx in list(self.pending.items()) + [(mb, c) for mb, (c, _) in self.awaiting_weight.items()]:
             if ctx.out is not None:
                 # (with prediction: the versions a checkpoint's redone forward reads again)
                 needed.append(self._oldest_read(mb))
@@ -329,9 +332,60 @@ class StageRunner:
         self._drop_old_snapshots()
         return None if self.is_first else ctx.inp.grad
 
+    def backward_input(self, microbatch: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The B half of a split backward (zb-h1): the gradient of the stage input only, given
+        the gradient of the stage output (None on the last stage). Returns it (None on the first
+        stage, which computes nothing here) and keeps the graph and `grad` for
+        backward_weight; .grad is left alone.
+
+        Raises:
+            ValueError: the forward kept no graph (a recompute backward: stash off with a
+                schedule whose backward reads another version, or PipeMare's prediction).
+        """
+        ctx = self.pending.pop(microbatch)
+        if ctx.out is None:
+            raise ValueError(f"stage {self.stage_idx}: a split backward (schedule {self.schedule.name!r}) needs "
+                             f"the forward's graph, but microbatch {microbatch} kept none (recompute backward: "
+                             "stash off on an asynchronous schedule, or PipeMare's prediction)")
+        self._log("B", microbatch, self.schedule.forward_version(self.stage_idx, microbatch))
+        self.awaiting_weight[microbatch] = (ctx, grad)
+        if self.is_first:
+            return None
+        (g_in,) = torch.autograd.grad(ctx.out, (ctx.inp,), None if self.is_last else grad, retain_graph=True)
+        return g_in
+
+    def backward_weight(self, microbatch: int) -> None:
+        """The W half of a split backward (zb-h1): the weight gradient of `microbatch`, added to
+        .grad exactly as backward() adds it (same graph, same output gradient, same order of
+        accumulation when the W's run in microbatch order). Frees the graph."""
+        ctx, grad = self.awaiting_weight.pop(microbatch)
+        k = self.stage_idx
+        used = ctx.used
+        leaves = self.params if used is None else used
+        # inputs=: only the weights' gradients (the input's was taken by backward_input); the
+        # live parameters accumulate through autograd as in backward().
+        ctx.out.backward(None if self.is_last else grad, inputs=leaves)
+        if used is not None:
+            for p, u in zip(self.params, used):
+                if u.grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = u.grad
+                else:
+                    p.grad.add_(u.grad)
+        if self.delay_compensation > 0:
+            bwd_v = self.schedule.forward_version(k, microbatch)
+            assert self.grad_version is None or self.grad_version == bwd_v, (
+                f"stage {k}: the backwards of one update used versions {self.grad_version} and {bwd_v}; "
+                "delay compensation needs one")
+            self.grad_weights, self.grad_version = leaves, bwd_v
+        self._drop_old_snapshots()
+
     def step(self) -> None:
         """One optimizer update with the accumulated gradient; creates version + 1."""
         update = self.version + 1
+        assert not self.awaiting_weight, (
+            f"stage {self.stage_idx}: step with weight gradients still to take: {sorted(self.awaiting_weight)}")
         assert all(ctx.out is None or ctx.used is not None for ctx in self.pending.values()), (
             "a pending graph is built on the live parameters that this step changes")
         # Keep the version being replaced if a later forward reads it: the simulator runs the
@@ -396,6 +450,7 @@ class StageRunner:
         if self.predictor is not None and state["delta"] is not None:
             self.predictor.delta = [d.clone() for d in state["delta"]]
         self.pending.clear()
+        self.awaiting_weight.clear()
         self.grad_weights = self.grad_version = None
 
 

@@ -11,6 +11,11 @@ object, and sends the result on. The stage object is anything with
     backward(microbatch, grad) -> gradient of the input (None on the first stage)
     step()
 
+and, for a schedule that splits the backward (zb-h1: Schedule.splits_backward), also
+
+    backward_input(microbatch, grad) -> gradient of the input (B: sent back at once)
+    backward_weight(microbatch)       (W: the weight gradient, no communication)
+
 such as pipenag.engine.stage.StageRunner, or the sleeping stages of the pipeline benchmark.
 
 Message order. Every message a stage sends follows from its program alone: F actions send
@@ -105,21 +110,25 @@ class Stats:
     eval_s: float = 0.0  # validation forwards, including their receives
     recv_wait_s: float = 0.0  # blocked waiting for a message
     send_s: float = 0.0  # handing messages to the transport, and the final flush
-    counts: dict = field(default_factory=lambda: {"F": 0, "B": 0, "S": 0, "E": 0})
+    counts: dict = field(default_factory=lambda: {"F": 0, "B": 0, "W": 0, "S": 0, "E": 0})
     wire: dict = field(default_factory=dict)  # Transport.wire_stats(): bytes per message sent
     # The last MEDIAN_WINDOW compute times of each kind: a median over a window follows a stage
     # that turns slow, and one slow pass (a page fault, the first pass) does not move it.
-    recent: dict = field(default_factory=lambda: {k: deque(maxlen=MEDIAN_WINDOW) for k in "FBS"})
+    recent: dict = field(default_factory=lambda: {k: deque(maxlen=MEDIAN_WINDOW) for k in "FBWS"})
 
     def medians_ms(self) -> dict:
         """The moving medians of this stage's compute times.
 
         Returns:
             {"forward_ms", "backward_ms", "step_ms"}: the median of the last MEDIAN_WINDOW
-            passes of each kind in milliseconds, None for a kind not run yet.
+            passes of each kind in milliseconds, None for a kind not run yet; with a split
+            backward (zb-h1) also "weight_ms" (W) and backward_ms is the B half.
         """
+        kinds = (("F", "forward_ms"), ("B", "backward_ms"), ("S", "step_ms"))
+        if self.recent["W"]:
+            kinds += (("W", "weight_ms"),)
         return {name: (statistics.median(self.recent[kind]) * 1e3 if self.recent[kind] else None)
-                for kind, name in (("F", "forward_ms"), ("B", "backward_ms"), ("S", "step_ms"))}
+                for kind, name in kinds}
 
     @property
     def utilization(self) -> float:
@@ -188,6 +197,7 @@ class Executor:
             raise ValueError("eval_updates needs num_eval >= 1, eval_forward, eval_inputs on the first "
                              "stage and eval_targets on the last")
         self.stage, self.schedule, self.stage_idx = stage, schedule, stage_idx
+        self.split = schedule.splits_backward  # B is backward_input, W backward_weight
         self.transport = transport
         self.inputs, self.targets = inputs, targets
         self.eval_inputs, self.eval_targets = eval_inputs, eval_targets
@@ -245,11 +255,16 @@ class Executor:
             elif item.kind == "B":
                 g = None if self.last else self._recv_next(("B", j))
                 t = clock()
-                g_in = self.stage.backward(j, g)
+                g_in = self.stage.backward_input(j, g) if self.split else self.stage.backward(j, g)
                 self._slow_down()
                 st.compute_s += self._timed("B", clock() - t)
                 if not self.first:
                     self._send_prev(g_in)
+            elif item.kind == "W":
+                t = clock()
+                self.stage.backward_weight(j)
+                self._slow_down()
+                st.compute_s += self._timed("W", clock() - t)
             else:
                 t = clock()
                 self.stage.step()
