@@ -1,26 +1,27 @@
 """The loss cost of compressed links: int8 and 4-bit against none, paired by seed, on the
 benchmark regime (configs/bench.toml), from the repository root.
 
-    python experiments/compression.py --run     # the sweeps (about 75 minutes on 2 cores; resumable)
+    python experiments/compression.py --run     # the sweeps (about 90 minutes on 2 cores; resumable)
     python experiments/compression.py           # the table of the runs finished so far
 
 The sweeps (`pipenag sweep`, seeds 1-3, lr 3e-3: the lr the convergence benchmark tuned each of
 these methods to, docs/results/convergence.md) write runs/compression_<x>/:
-- check: pipedream at K = 8, seed 1, no compression: it must reproduce the convergence
-  benchmark's committed final loss exactly (the default link is bit-identical to before);
-- k8: pipedream, nesterov and muon-wp (the convergence benchmark's best method) at K = 8 with
-  int8 both ways, int4-hadamard on the activations only, and int4-hadamard both ways;
-- k32: the same three methods at K = 32 with int8 both ways.
-The uncompressed runs are the convergence benchmark's (docs/results/data/convergence/{a,b}),
-which the check shows this code reproduces. Compression needs no K = 1 control (one stage sends
-nothing), so the sweeps skip them. The data files go to docs/results/data/compression/<x>/.
+- check: pipedream at K = 8, seed 1, no compression, against the convergence benchmark's
+  committed final loss (which the code on main before compression did not reproduce either:
+  see docs/results/compression.md), so the uncompressed runs are made again here;
+- k8: pipedream, nesterov and muon-wp (the convergence benchmark's best method) at K = 8,
+  none and int8 both ways; pipedream and nesterov with int4-hadamard both ways;
+- k8act: pipedream and nesterov at K = 8 with int4-hadamard on the activations only;
+- k32: pipedream at K = 32, none and int8 both ways.
+Every compressed run is paired with the uncompressed run of the same method, K and seed.
+Compression needs no K = 1 control (one stage sends nothing), so the sweeps skip them. The data
+files go to docs/results/data/compression/<x>/.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pipenag.sweep_report import read_data
 
 METHODS = ("pipedream", "nesterov", "muon-wp")
 CODECS = {
+    "none": ("none", "none"),
     "int8": ("int8", "int8"),
     "int4h-act": ("int4-hadamard", "none"),
     "int4h": ("int4-hadamard", "int4-hadamard"),
@@ -43,8 +45,10 @@ def variant(method: str, codec: str) -> str:
 
 SWEEPS = {
     "check": (["pipedream"], "8", "1"),
-    "k8": ([variant(m, c) for c in CODECS for m in METHODS], "8", "1,2,3"),
-    "k32": ([variant(m, "int8") for m in METHODS], "32", "1,2,3"),
+    "k8": ([variant(m, c) for c in ("none", "int8") for m in METHODS] + [variant(m, "int4h") for m in METHODS[:2]],
+           "8", "1,2,3"),
+    "k8act": ([variant(m, "int4h-act") for m in METHODS[:2]], "8", "1,2,3"),
+    "k32": ([variant("pipedream", c) for c in ("none", "int8")], "32", "1,2,3"),
 }
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
@@ -57,8 +61,8 @@ def command(name: str, jobs: int) -> list[str]:
             "--out", f"runs/compression_{name}"]
 
 
-def none_losses() -> dict[tuple[str, int, int], float]:
-    """(method, K, seed) -> final loss without compression, from the convergence benchmark."""
+def committed_none_losses() -> dict[tuple[str, int, int], float]:
+    """(method, K, seed) -> final loss of the convergence benchmark's committed data at lr 3e-3."""
     out = {}
     for folder in ("a", "b"):
         for r in read_data(CONVERGENCE / folder):
@@ -67,38 +71,94 @@ def none_losses() -> dict[tuple[str, int, int], float]:
     return out
 
 
+def collect(name: str) -> list[dict]:
+    """The finished runs of sweep `name`, read from their run folders (summary.json and
+    metrics.jsonl): method label, K, seed, final validation loss, and the curve."""
+    import json
+
+    from pipenag.compare import folder_name
+    from pipenag.metrics import read_metrics
+
+    methods, stages, seeds = SWEEPS[name]
+    labels = {folder_name(m): m for m in methods}
+    out = []
+    for path in sorted(Path(f"runs/compression_{name}/runs").glob("*/K*/seed*/lr*/summary.json")):
+        folder = path.parent
+        label = labels.get(folder.parents[2].name)
+        summary = json.loads(path.read_text())
+        if label is None or summary.get("status") != "ok":
+            continue
+        curve = [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"]}
+                 for r in read_metrics(folder) if r.get("val_loss") is not None]
+        out.append({"method": label, "stages": int(folder.parents[1].name[1:]), "seed": int(folder.parent.name[4:]),
+                    "val_loss": summary["val_loss"], "updates": summary["updates"], "tokens": summary["tokens"],
+                    "wall_time_s": summary["wall_time_s"], "messages": summary.get("messages"), "curve": curve})
+    return out
+
+
+def write_data(name: str, runs: list[dict]) -> None:
+    """DATA/<name>/runs.csv (one line per run) and curves.csv (every evaluation)."""
+    import csv
+
+    folder = DATA / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s"])
+        for r in runs:
+            w.writerow([r["method"], r["stages"], r["seed"], repr(r["val_loss"]), r["updates"], r["tokens"],
+                        r["wall_time_s"]])
+    with open(folder / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
+        for r in runs:
+            for e in r["curve"]:
+                w.writerow([r["method"], r["stages"], r["seed"], e["step"], e["tokens"], repr(e["val_loss"])])
+
+
+def read_runs(name: str) -> list[dict]:
+    import csv
+
+    path = DATA / name / "runs.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
+                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(f)]
+
+
 def table() -> list[str]:
-    base = none_losses()
+    committed = committed_none_losses()
     lines = []
-    check = [r for r in read_data(DATA / "check") if r["method"] == "pipedream"] if (DATA / "check").is_dir() else []
-    for r in check:
-        ref = base.get(("pipedream", r["stages"], r["seed"]))
+    for r in read_runs("check"):
+        ref = committed.get(("pipedream", r["stages"], r["seed"]))
         lines.append(f"- reproduction check: pipedream K = {r['stages']} seed {r['seed']} without compression: "
-                     f"{r['val_loss']!r} here, {ref!r} in the convergence benchmark "
+                     f"{r['val_loss']!r} here, {ref!r} in the convergence benchmark's data "
                      f"({'identical' if r['val_loss'] == ref else 'DIFFERENT'})")
-    lines += ["", "| method | K | codec (activations / gradients) | bytes per message | seeds | loss none | "
-              "loss compressed | paired difference +- s.e. |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | K | codec (activations / gradients) | bytes per message (act / grad of raw) | seeds | "
+              "loss none | loss compressed | paired difference +- s.e. |", "|---|---|---|---|---|---|---|---|"]
     from pipenag.config import load_config
     from pipenag.link.messages import message_bytes
 
-    for name in ("k8", "k32"):
-        if not (DATA / name).is_dir():
-            continue
-        records = [r for r in read_data(DATA / name) if not r["tuning"]]
+    records = [r for name in SWEEPS if name != "check" for r in read_runs(name)]
+    none = {(r["method"], r["stages"], r["seed"]): r["val_loss"] for r in records}
+    for K in (8, 32):
         for codec, (act, grad) in CODECS.items():
+            if codec == "none":
+                continue
             for method in METHODS:
-                label = variant(method, codec)
-                rows = [r for r in records if r["method"] == label]
-                pairs = [(base[(method, r["stages"], r["seed"])], r["val_loss"]) for r in rows
-                         if (method, r["stages"], r["seed"]) in base and r["val_loss"] is not None]
+                rows = [r for r in records if r["method"] == variant(method, codec) and r["stages"] == K]
+                base = variant(method, "none")
+                pairs = [(none[(base, K, r["seed"])], r["val_loss"]) for r in rows if (base, K, r["seed"]) in none]
                 if not pairs:
                     continue
                 cfg = load_config("configs/bench.toml", [f"--link.compress_activations={act}",
                                                           f"--link.compress_gradients={grad}"])
-                sizes = f"{message_bytes(cfg, 'activation'):,} / {message_bytes(cfg, 'gradient'):,} of {message_bytes(cfg):,}"
+                sizes = (f"{message_bytes(cfg, 'activation'):,} / {message_bytes(cfg, 'gradient'):,} of "
+                         f"{message_bytes(cfg):,}")
                 diffs = [c - n for n, c in pairs]
                 se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-                lines.append(f"| {method} | {rows[0]['stages']} | {act} / {grad} | {sizes} | {len(pairs)} | "
+                lines.append(f"| {method} | {K} | {act} / {grad} | {sizes} | {len(pairs)} | "
                              f"{statistics.fmean(n for n, _ in pairs):.4f} | {statistics.fmean(c for _, c in pairs):.4f} | "
                              f"{statistics.fmean(diffs):+.4f} +- {se:.4f} |")
     return lines
@@ -107,19 +167,15 @@ def table() -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
-    parser.add_argument("--sweeps", default="check,k8,k32")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS))
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     for name in args.sweeps.split(","):
-        out = Path(f"runs/compression_{name}")
         if args.run:
             subprocess.run(command(name, args.jobs), check=True)
-        elif out.is_dir():  # the table of the runs finished so far (a sweep still going, or cut short)
-            subprocess.run(command(name, args.jobs) + ["--report-only"], check=True, stdout=subprocess.DEVNULL)
-        if (out / "runs.csv").is_file():
-            (DATA / name).mkdir(parents=True, exist_ok=True)
-            for f in ("runs.csv", "curves.csv"):
-                shutil.copy(out / f, DATA / name / f)
+        runs = collect(name)
+        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
+            write_data(name, runs)
     print("\n".join(table()))
     return 0
 
