@@ -315,6 +315,13 @@ class StageRunner:
             out.backward()
         else:
             out.backward(grad)
+        self._gather_weight_grads(used, bwd_v)
+        return None if self.is_first else ctx.inp.grad
+
+    def _gather_weight_grads(self, used: Optional[list[torch.Tensor]], bwd_v: int) -> None:
+        """After a backward: move the gradient of the graph's weight leaves (`used`, a stashed
+        or predicted copy; None: the live parameters, which autograd filled) into .grad, note
+        the version it was taken on (delay compensation's w_stale), drop unneeded snapshots."""
         if used is not None:
             for p, u in zip(self.params, used):
                 if u.grad is None:
@@ -326,11 +333,10 @@ class StageRunner:
         if self.delay_compensation > 0:
             # The graph's leaves hold the weights the gradient was taken on (None: the live ones).
             assert self.grad_version is None or self.grad_version == bwd_v, (
-                f"stage {k}: the backwards of one update used versions {self.grad_version} and {bwd_v}; "
-                "delay compensation needs one")
+                f"stage {self.stage_idx}: the backwards of one update used versions {self.grad_version} and "
+                f"{bwd_v}; delay compensation needs one")
             self.grad_weights, self.grad_version = (self.params if used is None else used), bwd_v
         self._drop_old_snapshots()
-        return None if self.is_first else ctx.inp.grad
 
     def backward_input(self, microbatch: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The B half of a split backward (zb-h1): the gradient of the stage input only, given
@@ -365,21 +371,7 @@ class StageRunner:
         # inputs=: only the weights' gradients (the input's was taken by backward_input); the
         # live parameters accumulate through autograd as in backward().
         ctx.out.backward(None if self.is_last else grad, inputs=leaves)
-        if used is not None:
-            for p, u in zip(self.params, used):
-                if u.grad is None:
-                    continue
-                if p.grad is None:
-                    p.grad = u.grad
-                else:
-                    p.grad.add_(u.grad)
-        if self.delay_compensation > 0:
-            bwd_v = self.schedule.forward_version(k, microbatch)
-            assert self.grad_version is None or self.grad_version == bwd_v, (
-                f"stage {k}: the backwards of one update used versions {self.grad_version} and {bwd_v}; "
-                "delay compensation needs one")
-            self.grad_weights, self.grad_version = leaves, bwd_v
-        self._drop_old_snapshots()
+        self._gather_weight_grads(used, self.schedule.forward_version(k, microbatch))
 
     def step(self) -> None:
         """One optimizer update with the accumulated gradient; creates version + 1."""
