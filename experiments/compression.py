@@ -12,7 +12,7 @@ these methods to, docs/results/convergence.md) write runs/compression_<x>/:
 - k8: pipedream, nesterov and muon-wp (the convergence benchmark's best method) at K = 8,
   none and int8 both ways; pipedream and nesterov with int4-hadamard both ways;
 - k8act: pipedream and nesterov at K = 8 with int4-hadamard on the activations only;
-- k32: pipedream at K = 32, none and int8 both ways.
+- k32, k32n: pipedream and nesterov at K = 32, none and int8 both ways.
 Every compressed run is paired with the uncompressed run of the same method, K and seed.
 Compression needs no K = 1 control (one stage sends nothing), so the sweeps skip them. The data
 files go to docs/results/data/compression/<x>/.
@@ -49,6 +49,7 @@ SWEEPS = {
            "8", "1,2,3"),
     "k8act": ([variant(m, "int4h-act") for m in METHODS[:2]], "8", "1,2,3"),
     "k32": ([variant("pipedream", c) for c in ("none", "int8")], "32", "1,2,3"),
+    "k32n": ([variant("nesterov", c) for c in ("none", "int8")], "32", "1,2,3"),
 }
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
