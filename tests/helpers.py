@@ -183,6 +183,20 @@ def assert_same_weights(params_a: dict, params_b: dict) -> None:
         assert torch.equal(params_a[name], params_b[name]), name
 
 
+def assert_resume_is_bit_identical(tmp_path: Path, monkeypatch, extra: list[str], stop_at: int = 7) -> None:
+    """A simulator run of tiny_config(*extra) stopped after `stop_at` updates and resumed with
+    --resume ends with the records of the uninterrupted run, bit for bit."""
+    import pytest
+
+    from pipenag.train import train_main, train_sim
+
+    train_sim(tiny_config(tmp_path / "straight", *extra))
+    with simulator_stopped_at(monkeypatch, stop_at), pytest.raises(Interrupt):
+        train_sim(tiny_config(tmp_path / "cut", *extra))
+    assert train_main(None, resume=str(tmp_path / "cut")) == 0
+    assert_same_records(read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "straight"))
+
+
 class Interrupt(Exception):
     """Raised by simulator_stopped_at: a crash in the middle of a run."""
 

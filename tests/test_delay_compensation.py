@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import train_random_tokens, Interrupt, assert_same_records, run_dist_against_sim, simulator_stopped_at, tiny_config
+from helpers import assert_resume_is_bit_identical, run_dist_against_sim, tiny_config, train_random_tokens
 
 from pipenag.build import build_pipeline
 from pipenag.config import load_config
 from pipenag.engine.stage import compensate_delay_, make_runner
 from pipenag.methods import resolve
-from pipenag.metrics import read_metrics
 from pipenag.schedules import Schedule
-from pipenag.train import train_main, train_sim
 
 SMALL = ["--model.n_layer=4", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=8"]
 F64 = torch.float64
@@ -161,12 +159,7 @@ RUN = ["--train.steps=12", "--train.eval_every=4", "--pipeline.method=pipedream-
 
 @pytest.mark.slow
 def test_resume_in_process_matches_uninterrupted_run(tmp_path, monkeypatch):
-    extra = [*RUN, "--train.checkpoint_every=3"]
-    train_sim(tiny_config(tmp_path / "straight", *extra))
-    with simulator_stopped_at(monkeypatch, 7), pytest.raises(Interrupt):
-        train_sim(tiny_config(tmp_path / "cut", *extra))
-    assert train_main(None, resume=str(tmp_path / "cut")) == 0
-    assert_same_records(read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "straight"))
+    assert_resume_is_bit_identical(tmp_path, monkeypatch, [*RUN, "--train.checkpoint_every=3"])
 
 
 @pytest.mark.slow

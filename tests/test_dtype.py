@@ -9,12 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (Interrupt, assert_same_records, run_dist_against_sim, sim_reference, simulator_stopped_at,
-                     tiny_config)
+from helpers import assert_resume_is_bit_identical, run_dist_against_sim, sim_reference, tiny_config
 from pipenag.build import build_pipeline, compute_dtype
 from pipenag.config import load_config
 from pipenag.engine.stage import compute_call
-from pipenag.metrics import read_metrics
 
 BF16 = ("--run.dtype=bfloat16",)
 
@@ -57,14 +55,8 @@ def test_bad_dtype_is_named():
 
 @pytest.mark.slow
 def test_bfloat16_resume_is_bit_identical(tmp_path, monkeypatch):
-    from pipenag.train import train_main, train_sim
-
-    extra = ["--train.steps=12", "--train.checkpoint_every=3", "--train.eval_every=4", *BF16]
-    train_sim(tiny_config(tmp_path / "straight", *extra))
-    with simulator_stopped_at(monkeypatch, 7), pytest.raises(Interrupt):
-        train_sim(tiny_config(tmp_path / "cut", *extra))
-    assert train_main(None, resume=str(tmp_path / "cut")) == 0
-    assert_same_records(read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "straight"))
+    assert_resume_is_bit_identical(tmp_path, monkeypatch, ["--train.steps=12", "--train.checkpoint_every=3",
+                                                           "--train.eval_every=4", *BF16])
 
 
 @pytest.mark.slow
