@@ -73,6 +73,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # synchronous baseline; its numbers are gpipe's (docs/schedules.md).
     Method("zb-h1", "zb-h1", True, "adamw", False, False, ("zb-h1",),
            "zero bubble ZB-H1 (backward split into B and W, 1F1B's memory), AdamW: same numbers as gpipe"),
+    Method("gpipe-muon", "gpipe", True, "muon", False, False, ("gpipe", "1f1b", "zb-h1"),
+           "synchronous GPipe with muon's optimizer: the synchronous reference of the Muon methods"),
 ]}
 assert set(METHODS) == set(typing.get_args(MethodName)), "pipenag.config.MethodName lists the methods"
 

@@ -34,6 +34,7 @@ EXPECTED = {
     "gpipe": ("gpipe", None, "adamw", 4, False, False, False),
     "1f1b": ("1f1b", None, "adamw", 4, False, False, False),
     "zb-h1": ("zb-h1", None, "adamw", 4, False, False, False),
+    "gpipe-muon": ("gpipe", None, "muon", 4, False, False, False),
     "pipedream": ("pipedream", True, "adamw", 1, False, False, False),
     "2bw": ("2bw", True, "adamw", 4, False, False, False),
     "pipedream-lr": ("pipedream", True, "adamw", 1, True, False, False),
