@@ -17,6 +17,11 @@ cfg = load_config('configs/tiny.toml'); print(predict(cfg, calibrate(cfg)))"
   cores (as on a 2-core test machine): a stage computing while n stages compute runs at
   min(1, C / n) of its speed (processor sharing). With C >= K it equals
   pipenag.timing.simulate.
+- `measure_contention(n)`: how much slower one process computes while n processes compute on
+  this machine at once (one torch thread each). Cores that share caches, memory bandwidth or a
+  physical core (a VM's vCPUs) slow each other down even when there are as many as processes:
+  on the 2-vCPU test machine two processes run 1.37x slower each, not 1.0x. Given to
+  simulate_shared / predict as `slowdown`, it replaces processor sharing's min(1, C / n).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pipenag.config import Config
 from pipenag.schedules import Schedule
 from pipenag.timing import Event, Timeline, _per_stage, simulate
 
-CALIBRATION_VERSION = 1  # bump when what calibrate() measures changes
+CALIBRATION_VERSION = 2  # bump when what calibrate() measures changes (2: the codecs' encode/decode)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class StageCosts:
     step: tuple[float, ...]
     threads: int
     machine: str
+    # Seconds to encode and to decode one message with the run's codecs, on the sending and the
+    # receiving stage's compute thread: (activation, gradient); 0 without a codec.
+    encode: tuple[float, float] = (0.0, 0.0)
+    decode: tuple[float, float] = (0.0, 0.0)
 
     @property
     def num_stages(self) -> int:
@@ -74,6 +83,7 @@ def _cache_file(cfg: Config, threads: int) -> Path:
     key = {"v": CALIBRATION_VERSION, "model": d["model"], "data": {k: d["data"][k] for k in
                                                                      ("microbatch_size", "tokenizer", "bpe_vocab_size")},
            "pipeline": d["pipeline"], "optim": d["optim"], "threads": threads, "machine": machine_key(),
+           "codecs": {k: d["link"][k] for k in ("compress_activations", "compress_gradients", "block_size")},
            "device": d["run"]["device"]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path.home() / ".cache" / "pipenag"
@@ -99,14 +109,15 @@ def calibrate(cfg: Config, threads: int = 0, repeats: int = 8, warmup: int = 3, 
     if cache and path.is_file():
         saved = json.loads(path.read_text())
         return StageCosts(tuple(saved["forward"]), tuple(saved["backward"]), tuple(saved["step"]),
-                          saved["threads"], saved["machine"])
+                          saved["threads"], saved["machine"], tuple(saved["encode"]), tuple(saved["decode"]))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         costs = _measure(cfg, build_pipeline, repeats, warmup)
+        encode, decode = measure_codecs(cfg, repeats, warmup)
     finally:
         torch.set_num_threads(before)
-    result = StageCosts(*costs, threads=threads, machine=machine_key())
+    result = StageCosts(*costs, threads=threads, machine=machine_key(), encode=encode, decode=decode)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(result), indent=1) + "\n")
@@ -151,6 +162,47 @@ def _measure(cfg: Config, build_pipeline, repeats: int, warmup: int):
     return tuple(fwd), tuple(bwd), tuple(stp)
 
 
+def measure_codecs(cfg: Config, repeats: int = 8, warmup: int = 3) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median seconds of encode and decode of one message of the run's shape with each
+    direction's codec: ((activation, gradient), (activation, gradient))."""
+    from pipenag.link.messages import codecs, message_shape
+
+    shape = message_shape(cfg)
+    g = torch.Generator().manual_seed(0)
+    enc, dec = [], []
+    for codec in codecs(cfg):
+        if codec is None:
+            enc.append(0.0)
+            dec.append(0.0)
+            continue
+        times_e, times_d = [], []
+        for rep in range(warmup + repeats):
+            x = torch.randn(shape, generator=g)
+            t0 = time.perf_counter()
+            packed = codec.encode(x)
+            t1 = time.perf_counter()
+            codec.decode(packed, shape, x.dtype)
+            t2 = time.perf_counter()
+            if rep >= warmup:
+                times_e.append(t1 - t0)
+                times_d.append(t2 - t1)
+        enc.append(statistics.median(times_e))
+        dec.append(statistics.median(times_d))
+    return (enc[0], enc[1]), (dec[0], dec[1])
+
+
+def with_message_costs(costs: StageCosts) -> tuple[list[float], list[float]]:
+    """Per-stage forward and backward seconds with the codec work each pass does on its
+    stage's compute thread: a forward decodes its input activation (k > 0) and encodes its
+    output (k < K - 1); a backward decodes its input gradient (k < K - 1) and encodes the one
+    it sends (k > 0)."""
+    K = costs.num_stages
+    (enc_a, enc_g), (dec_a, dec_g) = costs.encode, costs.decode
+    fwd = [f + (dec_a if k > 0 else 0.0) + (enc_a if k < K - 1 else 0.0) for k, f in enumerate(costs.forward)]
+    bwd = [b + (dec_g if k < K - 1 else 0.0) + (enc_g if k > 0 else 0.0) for k, b in enumerate(costs.backward)]
+    return fwd, bwd
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What predict() returns: seconds per update in the steady state and over the whole run
@@ -164,7 +216,56 @@ class Prediction:
     transfer_s: tuple[float, float]  # activations, gradients
 
 
-def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0) -> Prediction:
+def measure_contention(max_procs: int, seconds: float = 4.0) -> tuple[float, ...]:
+    """Slowdown of a process's compute while n = 1..max_procs processes compute at once: the
+    median time of a fixed matmul workload (1024 x 128 by 128 x 512 and back, the shape of a
+    width-128 block's MLP on a microbatch of 1,024 tokens) in each of n processes, over its
+    median alone. Returns (1.0, s(2), ..., s(max_procs)), each the mean over the n processes.
+    """
+    import multiprocessing as mp
+
+    alone = _contention_work(seconds)
+    out = [1.0]
+    ctx = mp.get_context("spawn")
+    for n in range(2, max_procs + 1):
+        ready, go, q = ctx.Barrier(n + 1), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_contention_child, args=(ready, go, q, seconds)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        ready.wait(timeout=120)  # every child has imported torch and built its tensors
+        go.set()  # so that all of them compute over the same seconds
+        times = [q.get(timeout=120 + 10 * seconds) for _ in procs]
+        for p in procs:
+            p.join()
+        out.append(statistics.fmean(times) / alone)
+    return tuple(out)
+
+
+def _contention_work(seconds: float, start=None) -> float:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    a, w1, w2 = torch.randn(1024, 128, generator=g), torch.randn(128, 512, generator=g), torch.randn(512, 128, generator=g)
+    if start is not None:
+        start()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            (a @ w1).relu() @ w2
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _contention_child(ready, go, q, seconds: float) -> None:
+    def start() -> None:
+        ready.wait(timeout=120)
+        go.wait(timeout=120)
+
+    q.put(_contention_work(seconds, start))
+
+
+def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0,
+            slowdown: Sequence[float] = ()) -> Prediction:
     """The event model's wall time of `cfg` with `costs`.
 
     Args:
@@ -173,6 +274,7 @@ def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0
         num_updates: updates to simulate (0: train.steps, at most 400 microbatches' worth
             beyond which the steady state is reached anyway).
         cores: cores the stage processes share (0: one each).
+        slowdown: measure_contention()'s table (empty: no contention beyond `cores`).
     Returns:
         A Prediction.
     Raises:
@@ -188,11 +290,29 @@ def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0
     latency, fwd_transfer = link_times(cfg, message_bytes(cfg, "activation"))
     _, bwd_transfer = link_times(cfg, message_bytes(cfg, "gradient"))
     n = num_updates or max(1, min(cfg.train.steps, max(8, 400 // M)))
-    timeline = simulate_shared(schedule, n, costs.forward, costs.backward, costs.step, latency, fwd_transfer,
-                               bwd_transfer, cores)
+    fwd, bwd = with_message_costs(costs)
+    timeline = simulate_shared(schedule, n, fwd, bwd, costs.step, latency, fwd_transfer,
+                               bwd_transfer, cores, slowdown)
     steady = _steady_period(timeline, schedule, n)
     return Prediction(steady, timeline.makespan / n, n, schedule.depths if schedule.asynchronous else (),
                       latency, (fwd_transfer, bwd_transfer))
+
+
+def measured_seconds_per_update(run_dir: Path | str) -> float:
+    """Seconds per update of a finished run in its steady state: metrics.jsonl's time_s (the
+    last stage writes one record per update) between 20% and 90% of the run.
+
+    Raises:
+        ValueError: fewer than 10 records.
+    """
+    from pipenag.metrics import read_metrics
+
+    records = read_metrics(Path(run_dir))
+    n = len(records)
+    if n < 10:
+        raise ValueError(f"{run_dir}: {n} metrics records; the steady state needs at least 10 updates")
+    a, b = int(0.2 * n), int(0.9 * n) - 1
+    return (records[b]["time_s"] - records[a]["time_s"]) / (b - a)
 
 
 def _steady_period(timeline: Timeline, schedule: Schedule, num_updates: int) -> float:
@@ -210,22 +330,39 @@ def _steady_period(timeline: Timeline, schedule: Schedule, num_updates: int) -> 
 def simulate_shared(schedule: Schedule, num_updates: int, forward_time: float | Sequence[float] = 1.0,
                     backward_time: float | Sequence[float] = 1.0, step_time: float | Sequence[float] = 0.0,
                     latency: float = 0.0, transfer_time: float = 0.0,
-                    backward_transfer_time: Optional[float] = None, cores: int = 0) -> Timeline:
+                    backward_transfer_time: Optional[float] = None, cores: int = 0,
+                    slowdown: Sequence[float] = ()) -> Timeline:
     """pipenag.timing.simulate when the stages share `cores` cores (processor sharing): while n
-    stages compute, each advances at min(1, cores / n) of its speed. cores = 0 or >= K: the
-    plain model (and the same numbers)."""
+    stages compute, each advances at min(1, cores / n) of its speed, or, with a `slowdown`
+    table (measure_contention: s(1) = 1, s(2), ...), at 1 / s(n) (beyond the table:
+    s(last) * n / last). cores = 0 or >= K and no table: the plain model (and the same numbers)."""
     K = schedule.num_stages
-    if cores <= 0 or cores >= K:
+    if (cores <= 0 or cores >= K) and not slowdown:
         return simulate(schedule, num_updates, forward_time, backward_time, step_time, latency, transfer_time,
                         backward_transfer_time)
+    if slowdown:
+        table = list(slowdown)
+
+        def rate(n: int) -> float:
+            return 1.0 / (table[n - 1] if n <= len(table) else table[-1] * n / len(table))
+    else:
+        def rate(n: int) -> float:
+            return min(1.0, cores / n)
     return _processor_sharing(schedule, num_updates, forward_time, backward_time, step_time, latency,
-                              transfer_time, backward_transfer_time, cores)
+                              transfer_time, backward_transfer_time, rate)
 
 
 def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backward_time, step_time,
                        latency: float, transfer_time: float, backward_transfer_time: Optional[float],
-                       cores: int) -> Timeline:
-    """The event loop of simulate_shared (tests run it with cores >= K against simulate)."""
+                       rate_of) -> Timeline:
+    """The event loop of simulate_shared: rate_of(n) is the speed of each of n stages that
+    compute at once (tests run it with rate 1 against simulate); an int is processor sharing
+    on that many cores."""
+    if isinstance(rate_of, int):
+        cores = rate_of
+
+        def rate_of(n: int) -> float:
+            return min(1.0, cores / n)
     K = schedule.num_stages
     bwd = _per_stage(backward_time, K, "backward_time")
     if schedule.splits_backward:  # zb-h1: the whole backward split in half between B and W (as simulate())
@@ -275,7 +412,7 @@ def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backw
                 break
             now = min(waiting)
             continue
-        rate = min(1.0, cores / len(running))
+        rate = rate_of(len(running))
         finish = min(r[1] for r in running.values()) / rate
         upcoming = [t - now for t in arrived.values() if t > now + 1e-12]
         step = min([finish] + upcoming)

@@ -69,3 +69,39 @@ def test_predict_prices_the_link_the_codec_and_the_depths(tmp_path):
     assert gpipe.steady_s_per_update == pytest.approx(7 * 0.03 + 0.001, rel=1e-6)
     with pytest.raises(ValueError, match="costs for 4 stages"):
         predict(base.with_overrides(["--pipeline.num_stages=2"]), costs)
+
+
+def test_codec_costs_are_measured_per_direction_and_charged_to_the_passes_that_do_them(tmp_path):
+    from pipenag.wallclock import with_message_costs
+
+    cfg = tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}", "--link.compress_activations=int8")
+    costs = calibrate(cfg, repeats=2, warmup=1)
+    assert costs.encode[0] > 0 and costs.decode[0] > 0  # int8 on the activations
+    assert costs.encode[1] == 0 and costs.decode[1] == 0  # nothing on the gradients
+    plain = calibrate(tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}"), repeats=2, warmup=1)
+    assert plain.encode == (0.0, 0.0) and plain.decode == (0.0, 0.0)  # another codec, another cache entry
+    made_up = StageCosts((1.0,) * 3, (2.0,) * 3, (0.0,) * 3, 1, "test", encode=(0.1, 0.01), decode=(0.2, 0.02))
+    fwd, bwd = with_message_costs(made_up)
+    # stage 0 encodes its activation, stage 1 decodes one and encodes one, stage 2 only decodes
+    assert fwd == pytest.approx([1.1, 1.3, 1.2])
+    # stage 2 encodes the gradient it sends, stage 1 decodes one and encodes one, stage 0 decodes
+    assert bwd == pytest.approx([2.02, 2.03, 2.01])
+
+
+def test_a_slowdown_table_replaces_processor_sharing():
+    s = Schedule("pipedream", 2, 1)
+    plain = simulate(s, 50)
+    assert simulate_shared(s, 50, slowdown=(1.0, 1.0)).makespan == pytest.approx(plain.makespan, rel=1e-9)
+    # both stages compute nearly all the time: each at half speed takes nearly twice as long
+    assert simulate_shared(s, 50, slowdown=(1.0, 2.0)).makespan == pytest.approx(2 * plain.makespan, rel=0.03)
+    # past the table: s(last) * n / last, here 4 stages on a table of 2 entries = processor sharing on 1 core
+    s4 = Schedule("pipedream", 4, 1)
+    assert simulate_shared(s4, 30, slowdown=(1.0, 2.0)).makespan == pytest.approx(
+        simulate_shared(s4, 30, cores=1).makespan, rel=1e-9)
+
+
+def test_measure_contention_is_one_alone_and_positive_beyond():
+    from pipenag.wallclock import measure_contention
+
+    table = measure_contention(2, seconds=0.2)
+    assert len(table) == 2 and table[0] == 1.0 and table[1] > 0.5
