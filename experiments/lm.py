@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     torch.set_num_threads(1)
     extra = list(args.extra) + unknown
-    budget = load_config(CONFIG, extra).train.steps
+    budget = budget_of(load_config(CONFIG, extra))
     parts = experiments(budget)[args.experiment]
     if args.parts:
         parts = [p for p in parts if p.name in args.parts.split(",")]

@@ -1,14 +1,18 @@
 """`pipenag compare`: train several methods on identical data and weights, at equal tokens.
 
-    pipenag compare --methods nesterov,pipedream,gpipe --config configs/small.toml --steps 1500 --out runs/cmp
+    pipenag compare --methods nesterov,pipedream,gpipe --config configs/small.toml --train.microbatch_budget=1500 \
+        --out runs/cmp
 
 Every method starts from the same initial weights (build_stages seeds the whole model from
 train.seed) and reads the same microbatches in the same order (the training stream is keyed
-by microbatch index). The budget is counted in microbatches: `train.steps` is the number of
-updates a one-microbatch-per-update method (pipedream and its variants) makes, and a method
-with M microbatches per update (gpipe and 1f1b: M = 4, 2bw: M = max(4, K)) makes
-train.steps // M updates. Evaluation and log intervals are divided by M too, so that every
-method is evaluated at the same token counts.
+by microbatch index). The budget is counted in microbatches: `train.microbatch_budget` is the
+number of updates a one-microbatch-per-update method (pipedream and its variants) makes, and a
+method with M microbatches per update (gpipe and 1f1b: M = 4, 2bw: M = max(4, K)) makes
+budget // M updates. Evaluation and log intervals are divided by M too, so that every method is
+evaluated at the same token counts. `pipenag train` reads the budget the same way
+(apply_microbatch_budget), so a run of a comparison is `pipenag train` with the same line. The
+older spelling, train.steps as the budget here (and as updates in train), is still read, with
+a note.
 
 A method name may carry overrides for that run only, joined by ':', so that one comparison
 can hold variants of a method:
@@ -101,22 +105,51 @@ def method_config(cfg: Config, variant: Variant, out_dir: Path) -> tuple[Config,
     Raises:
         ValueError: a bad override, a budget smaller than M, or anything resolve() rejects.
     """
-    probe = cfg.with_overrides([f"--pipeline.method={variant.method}", *(f"--{o}" for o in variant.overrides)])
-    tree = probe.to_dict()
-    M = resolve(probe).schedule.num_microbatches
-    budget = cfg.train.steps
+    probe = cfg.with_overrides([f"--pipeline.method={variant.method}", *(f"--{o}" for o in variant.overrides),
+                                f"--train.microbatch_budget={budget_of(cfg)}",
+                                f"--run.out_dir={out_dir / folder_name(variant.label)}"])
+    run_cfg = apply_microbatch_budget(probe, label=variant.label)
+    return run_cfg, resolve(run_cfg).schedule.num_microbatches
+
+
+def budget_of(cfg: Config) -> int:
+    """A comparison's budget in microbatches: train.microbatch_budget, or (the older spelling,
+    still read by compare and sweep) train.steps."""
+    return cfg.train.microbatch_budget or cfg.train.steps
+
+
+def legacy_budget_note(command: str, cfg: Config) -> None:
+    """Say so when a comparison reads train.steps as its budget (the older spelling)."""
+    if not cfg.train.microbatch_budget:
+        print(f"pipenag {command}: reading train.steps={cfg.train.steps} as a budget of {cfg.train.steps} "
+              f"microbatches; `pipenag train` reads train.steps as updates. Give the budget as "
+              f"--train.microbatch_budget={cfg.train.steps}: it means the same in train, compare and sweep.")
+
+
+def apply_microbatch_budget(cfg: Config, label: str = "") -> Config:
+    """`cfg` with train.microbatch_budget turned into updates: train.steps = budget // M and
+    the eval/log/checkpoint intervals divided by M (at least 1), the budget then 0 (spent, so
+    that applying this twice changes nothing). Without a budget, `cfg` itself.
+
+    Raises:
+        ValueError: a budget smaller than M, or anything resolve() rejects.
+    """
+    budget = cfg.train.microbatch_budget
+    if not budget:
+        return cfg
+    tree = cfg.to_dict()
+    M = resolve(cfg).schedule.num_microbatches
     if budget < M:
-        raise ValueError(f"train.steps={budget}: method {variant.label!r} takes {M} microbatches per "
-                         f"update, so the budget (in microbatches) must be at least {M}")
+        raise ValueError(f"train.microbatch_budget={budget}: method {label or cfg.pipeline.method!r} takes {M} "
+                         f"microbatches per update, so the budget must be at least {M}")
     t = tree["train"]
-    t["steps"] = budget // M
+    t["steps"], t["microbatch_budget"] = budget // M, 0
     for key in ("eval_every", "log_every", "checkpoint_every"):
         if t[key]:
             t[key] = max(1, t[key] // M)
-    tree["run"]["out_dir"] = str(out_dir / folder_name(variant.label))
     run_cfg = Config.from_dict(tree)
     resolve(run_cfg)
-    return run_cfg, M
+    return run_cfg
 
 
 def stage_forward_costs(model: ModelConfig, num_stages: int, vocab_size: int) -> list[float]:
@@ -238,8 +271,8 @@ def write_summary(rows: list[dict], cfg: Config, out_dir: Path) -> None:
     lines = [
         f"# pipenag compare: {', '.join(r['method'] for r in rows)}",
         "",
-        f"Budget: {t.steps} microbatches of {cfg.data.microbatch_size} x {m.block_size} tokens per method "
-        f"(a method with M microbatches per update makes {t.steps} // M updates); K = {p.num_stages} "
+        f"Budget: {budget_of(cfg)} microbatches of {cfg.data.microbatch_size} x {m.block_size} tokens per method "
+        f"(a method with M microbatches per update makes {budget_of(cfg)} // M updates); K = {p.num_stages} "
         f"stages; model n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}; data "
         f"{cfg.data.source} ({cfg.data.tokenizer}); seed {t.seed}; peak lr {cfg.optim.lr}.",
         "",
@@ -271,8 +304,8 @@ def compare_main(methods: str, cfg: Config, out_dir: Optional[str] = None) -> in
 
     Args:
         methods: comma-separated method names, each optionally with ':section.key=value'.
-        cfg: the shared config; train.steps is the budget in microbatches; run.out_dir the
-            comparison folder (unless out_dir is given).
+        cfg: the shared config; train.microbatch_budget (or, the older spelling, train.steps) is
+            the budget in microbatches; run.out_dir the comparison folder (unless out_dir is given).
     Raises:
         ValueError: an unknown method or bad override, before any training.
     """
@@ -280,13 +313,14 @@ def compare_main(methods: str, cfg: Config, out_dir: Optional[str] = None) -> in
 
     variants = parse_methods(methods)
     out = Path(out_dir or cfg.run.out_dir)
+    legacy_budget_note("compare", cfg)
     for v in variants:  # fail on any bad variant before training the first
         method_config(cfg, v, out)
     out.mkdir(parents=True, exist_ok=True)
     rows = compare(variants, cfg, out)
     write_summary(rows, cfg, out)
     png = plot_compare(rows, out / "loss.png",
-                       title=f"K={cfg.pipeline.num_stages}, budget {cfg.train.steps} microbatches, seed {cfg.train.seed}")
+                       title=f"K={cfg.pipeline.num_stages}, budget {budget_of(cfg)} microbatches, seed {cfg.train.seed}")
     print((out / "summary.md").read_text())
     print(f"pipenag compare: wrote {out}/summary.md, summary.csv" + (", loss.png" if png else ""))
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -244,7 +244,13 @@ def parse_depths(text: str) -> tuple[int, ...]:
 @dataclass
 class TrainConfig:
     steps: int = 300
-    """Number of optimizer updates."""
+    """Number of optimizer updates (in every command; see microbatch_budget)."""
+    microbatch_budget: int = 0
+    """A budget in microbatches instead of updates, with the same meaning in train, compare
+    and sweep: a method of M microbatches per update makes microbatch_budget // M updates, and
+    eval_every, log_every and checkpoint_every count microbatches too (they are divided by M),
+    so that methods of different M see the same tokens. 0 = off: train.steps counts updates.
+    The later of the two wins: train.steps on the command line turns a config file's budget off."""
     seed: int = 0
     """Seed for the weights and the batch order."""
     engine: Literal["sim", "dist"] = "sim"
@@ -265,6 +271,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.microbatch_budget >= 0, "train.microbatch_budget", self.microbatch_budget,
+               "must be >= 0 (0 = off: train.steps counts updates)")
         _check_choices(self)
         for name in ("eval_every", "checkpoint_every", "log_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
@@ -521,6 +529,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        train = extra.get("train", {}) if isinstance(extra.get("train", {}), dict) else {}
+        if "steps" in train and "microbatch_budget" not in train and isinstance(tree.get("train"), dict):
+            tree["train"] = {k: v for k, v in tree["train"].items() if k != "microbatch_budget"}  # the later wins
         tree = _merge(tree, extra)
     return Config.from_dict(tree)
 

@@ -6,7 +6,7 @@ resumable, with the table that tells methods apart.
     pipenag sweep --config configs/tiny.toml --methods gpipe,pipedream --stages 1,2 --seeds 1,2 --jobs 2
 
 Every run is one `pipenag compare` variant (pipenag.compare.method_config: equal tokens, so
-train.steps is the budget in microbatches; identical initial weights and data per seed) trained
+train.microbatch_budget, or the older train.steps, is the budget in microbatches; identical initial weights and data per seed) trained
 with the simulator in a worker process (--jobs at a time, default: the cores, or the GPUs with
 run.device=cuda). Methods may carry overrides ("gpipe:pipeline.num_microbatches=1") and a stage
 list of their own ("pipemare@8/32"); --grid section.key=v1,v2 adds a config axis.
@@ -360,6 +360,9 @@ def sweep_main(argv: list[str]) -> int:
         cfg = config_from_args(args, rest)
         args.out = args.out or "runs/sweep"
         sweep = build_sweep(args, cfg)
+        from pipenag.compare import legacy_budget_note
+
+        legacy_budget_note("sweep", cfg)
         jobs = args.jobs or default_jobs(cfg)
         if jobs < 1:
             raise ValueError(f"--jobs={jobs}: must be >= 1")

@@ -108,6 +108,9 @@ def train_main(cfg: Optional[Config], resume: Optional[str] = None, extra: Optio
     if resume:
         cfg = load_run_config(resume, extra)
     assert cfg is not None
+    from pipenag.compare import apply_microbatch_budget
+
+    cfg = apply_microbatch_budget(cfg)
     if cfg.train.engine == "dist":
         from pipenag.runtime.launch import train_dist
 
