@@ -1,0 +1,389 @@
+"""The slow-link decision table (docs/results/slow_links.md): on my link, at my depth, which
+pipeline reaches the best synchronous loss first, and by how much?
+
+    python experiments/slow_links.py --collect runs       # copy finished loss runs into the data files
+    python experiments/slow_links.py                      # the tables and the plot from the data files
+
+The losses come from the benchmark regime (configs/bench.toml, 2,000 microbatches of 8 x 64
+tokens), the times from the wall-clock model (pipenag.wallclock.predict) of a scenario:
+- every stage computes 20 ms per forward and 20 ms per backward of one microbatch (the setting
+  of docs/results/pipeline.md), scaled per method by the forward, backward and optimizer-step
+  costs that pipenag.wallclock.calibrate measures for that method on the model of
+  docs/results/time_model.md (one block of width 128 per stage, where the model is validated);
+- every message is 512 KiB (8 x 128 x 128 float32), 136 KiB with int8 on both directions,
+  which every link setting here uses, for the synchronous schedules as well;
+- the asynchronous methods run at the depths pipeline.in_flight = "auto" plans for that link
+  (timing.plan_in_flight on the scenario), and their loss runs were made at those depths, so
+  the staleness each link implies is in the loss;
+- the synchronous schedules (gpipe, 1f1b, zb-h1, whose numbers are gpipe's) at M in
+  {4, K, 2K, 4K}, their loss at each M from gpipe runs at K = 1 (a flushing schedule's numbers do
+  not depend on K); their loss with int8 is taken to be the uncompressed one (int8's measured
+  cost at K = 8 is within noise of 0: docs/results/compression.md), which favours them.
+Time to target = microbatches to the target on the seed-mean curve x modelled seconds per
+microbatch in the steady state. The target: the best synchronous schedule's final loss (the
+lowest seed-mean final loss over the synchronous runs), and the reference: the synchronous
+schedule and M that reach it first.
+
+The loss runs (made from a clone of this repository, their run folders under RUNS):
+    S=configs/bench.toml; I8=link.compress_activations=int8:link.compress_gradients=int8
+    pipenag sweep --config $S --methods muon-wp:$I8 --stages 8 --seeds 1 --lrs 3e-3 --no-k1-controls \\
+        --grid "pipeline.in_flight=22,19,16,13,10,7,4,1" --out RUNS/sl_k8        (and the others of QUEUE)
+    pipenag sweep --config $S --methods gpipe:pipeline.num_microbatches=8 --stages 1 --seeds 1 --lrs 3e-3 \\
+        --out RUNS/sl_sync                                                            (and the others)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+DATA = Path("docs/results/data/slow_links")
+LINKS = [("none", 0.0, 0.0), ("1 Gbit/s, 5 ms", 5.0, 1000.0), ("100 Mbit/s, 30 ms", 30.0, 100.0),
+         ("50 Mbit/s, 100 ms", 100.0, 50.0)]
+F_MS = B_MS = 20.0
+SHAPE = ["--data.microbatch_size=8", "--model.block_size=128", "--model.n_embd=128", "--model.n_head=4"]
+INT8 = ["--link.compress_activations=int8", "--link.compress_gradients=int8"]
+ASYNC = ("pipedream", "nesterov", "muon-wp")
+SYNC = ("gpipe", "1f1b", "zb-h1")
+BENCH_TOKENS_PER_MICROBATCH = 8 * 64
+BUDGET = 2000 * BENCH_TOKENS_PER_MICROBATCH  # tokens of a benchmark run (longer runs are rows of their own)
+# The calibration model: docs/results/time_model.md's (4 blocks of width 128, one per stage).
+CALIBRATION = ["--model.n_layer=4", "--model.n_embd=128", "--model.n_head=4", "--model.block_size=128",
+               "--data.microbatch_size=8", "--data.max_chars=400000", "--pipeline.num_stages=4", "--run.threads=1"]
+COST_METHODS = ("pipedream", "nesterov", "muon-wp", "gpipe", "gpipe-muon")
+
+
+def sync_ms(K: int) -> tuple[int, ...]:
+    return tuple(sorted({4, K, 2 * K, 4 * K}))
+
+
+# -- costs ----------------------------------------------------------------------------------------
+
+
+def measure_costs() -> dict:
+    """Per method: forward and backward relative to pipedream's, and the optimizer step relative
+    to pipedream's forward + backward, each the mean over the calibration model's stages."""
+    from pipenag.config import load_config
+    from pipenag.wallclock import calibrate, machine_key
+
+    raw = {}
+    for m in COST_METHODS:
+        c = calibrate(load_config(None, CALIBRATION + [f"--pipeline.method={m}"]), repeats=12, warmup=4)
+        raw[m] = {k: statistics.fmean(getattr(c, k)) for k in ("forward", "backward", "step")}
+    pd = raw["pipedream"]
+    return {"machine": machine_key(), "measured_s": raw,
+            "scale": {m: {"forward": r["forward"] / pd["forward"], "backward": r["backward"] / pd["backward"],
+                          "step": r["step"] / (pd["forward"] + pd["backward"])} for m, r in raw.items()}}
+
+
+def scenario_costs(method: str, K: int, scale: dict):
+    from pipenag.wallclock import StageCosts
+
+    s = scale["gpipe" if method in SYNC else method]  # the synchronous schedules share gpipe's modules and AdamW
+    f, b = F_MS / 1e3 * s["forward"], B_MS / 1e3 * s["backward"]
+    step = (F_MS + B_MS) / 1e3 * s["step"]
+    return StageCosts((f,) * K, (b,) * K, (step,) * K, 1, "scenario")
+
+
+def scenario_depths(K: int, latency_ms: float, bandwidth_mbps: float, compressed: bool) -> tuple[int, ...]:
+    """What pipeline.in_flight = "auto" plans for the scenario's passes and messages (kept in
+    DATA/depths.json: the planner's search takes minutes at K = 32)."""
+    path = DATA / "depths.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    key = f"K={K} latency_ms={latency_ms:g} bandwidth_mbps={bandwidth_mbps:g} int8={compressed}"
+    if key not in saved:
+        saved[key] = list(_plan_depths(K, latency_ms, bandwidth_mbps, compressed))
+        DATA.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=1) + "\n")
+    return tuple(saved[key])
+
+
+def _plan_depths(K: int, latency_ms: float, bandwidth_mbps: float, compressed: bool) -> tuple[int, ...]:
+    from pipenag.config import load_config
+    from pipenag.link.messages import link_times, message_bytes
+    from pipenag.schedules import default_in_flight
+    from pipenag.timing import plan_in_flight
+
+    if latency_ms == 0 and bandwidth_mbps == 0:
+        return default_in_flight(K)
+    cfg = load_config(None, SHAPE + (INT8 if compressed else []) +
+                      [f"--link.latency_ms={latency_ms}", f"--link.bandwidth_mbps={bandwidth_mbps}"])
+    latency, fwd = link_times(cfg, message_bytes(cfg, "activation"))
+    _, bwd = link_times(cfg, message_bytes(cfg, "gradient"))
+    return plan_in_flight("pipedream", K, 1, F_MS / 1e3, B_MS / 1e3, latency, fwd, backward_transfer_time=bwd)
+
+
+def seconds_per_microbatch(method: str, schedule: str, K: int, M: int, link: tuple, depths: tuple[int, ...],
+                           scale: dict) -> float:
+    from pipenag.config import load_config
+    from pipenag.wallclock import predict
+
+    _, latency, bandwidth = link
+    args = SHAPE + (INT8 if latency or bandwidth else []) + [
+        f"--link.latency_ms={latency}", f"--link.bandwidth_mbps={bandwidth}", f"--pipeline.num_stages={K}",
+        f"--pipeline.method={method}", f"--pipeline.schedule={schedule}", f"--model.n_layer={K}",
+        f"--train.steps={400 + 3 * max(depths, default=0)}"]  # the steady state lies past the fill of the deepest stage
+    if schedule in SYNC:
+        args.append(f"--pipeline.num_microbatches={M}")
+    else:
+        args.append("--pipeline.in_flight=" + ",".join(map(str, depths)))
+    cfg = load_config(None, args)
+    return predict(cfg, scenario_costs(method, K, scale)).steady_s_per_update / M
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+
+def collect(runs_root: Path) -> None:
+    """Copy the finished loss runs under runs_root/sl_k8 and runs_root/sl_sync into DATA."""
+    from pipenag.metrics import read_metrics
+
+    rows, curves = [], []
+    for name in ("sl_k8", "sl_sync", "sl_k8_long"):
+        for path in sorted((runs_root / name / "runs").glob("**/summary.json")):
+            folder = path.parent
+            summary = json.loads(path.read_text())
+            config = json.loads((folder / "config.json").read_text())
+            if summary.get("status") != "ok":
+                continue
+            p = config["pipeline"]
+            codec = config["link"]["compress_activations"]
+            row = {"method": p["method"], "stages": p["num_stages"], "M": summary.get("microbatches_per_update")
+                   or p["num_microbatches"] or 1, "in_flight": p["in_flight"] if isinstance(p["in_flight"], str)
+                   else ",".join(map(str, p["in_flight"])), "codec": codec, "seed": config["train"]["seed"],
+                   "lr": config["optim"]["lr"], "val_loss": summary["val_loss"], "tokens": summary["tokens"],
+                   "budget": summary["tokens"],
+                   "wall_time_s": summary["wall_time_s"]}
+            rows.append(row)
+            for r in read_metrics(folder):
+                if r.get("val_loss") is not None:
+                    curves.append({**{k: row[k] for k in ("method", "stages", "M", "in_flight", "codec", "seed", "lr")},
+                                   "budget": row["budget"],
+                                   "tokens": r["tokens"], "val_loss": r["val_loss"]})
+    DATA.mkdir(parents=True, exist_ok=True)
+    for file, data in (("runs.csv", rows), ("curves.csv", curves)):
+        with open(DATA / file, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            w.writeheader()
+            w.writerows(data)
+    print(f"{len(rows)} runs -> {DATA}")
+
+
+def read_losses() -> list[dict]:
+    """Loss runs, each {key..., seed, val_loss, curve: [(tokens, val_loss)]}: this page's runs,
+    plus the uncompressed K = 8 runs at the default depths of docs/results/compression.md (the
+    link-free row)."""
+    runs = {}
+
+    def add(key: tuple, seed: int, val_loss: float, curve_rows) -> None:
+        runs[key + (seed,)] = {"key": key, "seed": seed, "val_loss": val_loss,
+                               "curve": sorted((int(c["tokens"]), float(c["val_loss"])) for c in curve_rows)}
+
+    def read(path: Path) -> list[dict]:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    if (DATA / "runs.csv").is_file():
+        curves = read(DATA / "curves.csv")
+        for r in read(DATA / "runs.csv"):
+            ident = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
+            key = (r["method"], int(r["stages"]), int(r["M"]), r["in_flight"], r["codec"], float(r["lr"]), int(r["tokens"]))
+            add(key, int(r["seed"]), float(r["val_loss"]), [c for c in curves if all(c[k] == r[k] for k in ident)])
+    comp = Path("docs/results/data/compression/k8")
+    if comp.is_dir():
+        curves = read(comp / "curves.csv")
+        for r in read(comp / "runs.csv"):
+            method, *overrides = r["method"].split(":")
+            if method in ASYNC and "link.compress_activations=none" in overrides:
+                key = (method, int(r["stages"]), 1, "", "none", 3e-3, BUDGET)
+                add(key, int(r["seed"]), float(r["val_loss"]),
+                    [c for c in curves if c["method"] == r["method"] and c["seed"] == r["seed"]])
+    return list(runs.values())
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    common = set.intersection(*(set(t for t, _ in r["curve"]) for r in runs))
+    return [(t, statistics.fmean(dict(r["curve"])[t] for r in runs)) for t in sorted(common)]
+
+
+def crossing(curve: list[tuple[int, float]], target: float):
+    prev = None
+    for t, v in curve:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(t)
+            return prev[0] + (prev[1] - target) / (prev[1] - v) * (t - prev[0])
+        prev = (t, v)
+    return None
+
+
+def groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r["key"], []).append(r)
+    return out
+
+
+def summarize(members: list[dict]) -> dict:
+    finals = [r["val_loss"] for r in members]
+    return {"seeds": sorted(r["seed"] for r in members), "final": statistics.fmean(finals),
+            "std": statistics.stdev(finals) if len(finals) > 1 else None, "curve": mean_curve(members)}
+
+
+# -- the tables -----------------------------------------------------------------------------------
+
+
+def sync_losses(by_key: dict) -> dict[tuple[str, int], dict]:
+    """(method, M) -> the summary at the lr with the lowest mean final loss (seed 1 decides, as
+    a tuning seed, when lrs have different seeds)."""
+    best: dict[tuple[str, int], tuple[float, float, dict]] = {}
+    for key, members in by_key.items():
+        method, K, M, _, _, lr, budget = key
+        if method not in ("gpipe", "gpipe-muon") or K != 1 or budget != BUDGET:
+            continue
+        s = summarize(members)
+        s["lr"] = lr
+        s["lrs_tried"] = sorted(k[5] for k in by_key if k[:5] == key[:5] and k[6] == budget)
+        seed1 = next((r["val_loss"] for r in members if r["seed"] == 1), s["final"])
+        if (method, M) not in best or seed1 < best[(method, M)][0]:
+            best[(method, M)] = (seed1, lr, s)
+    return {k: v[2] for k, v in best.items()}
+
+
+def _loss(s) -> str:
+    if s is None:
+        return "not run"
+    return f"{s['final']:.4f}" + ("" if s["std"] is None else f" +- {s['std']:.4f}") + f" ({len(s['seeds'])})"
+
+
+def _tokens(s, tt) -> str:
+    return "n/a" if s is None else ("never" if tt is None else f"{tt / 1e3:.0f}k")
+
+
+def _seconds(t) -> str:
+    return "n/a" if t is None else f"{t:.0f} s"
+
+
+def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -> tuple[list[str], dict]:
+    """The markdown of the tables, and the plot's points {(K, method): [(latency ms, ratio)]}.
+
+    Args:
+        scale: measure_costs()["scale"].
+        optimizers: the synchronous methods that set the target and the reference ("gpipe" is
+            AdamW, "gpipe-muon" Muon), each at every M it has runs for.
+    """
+    by_key = groups(read_losses())
+    sync = {k: v for k, v in sync_losses(by_key).items() if k[0] in optimizers}
+    lines, plot = [], {}
+    if not sync:
+        return ["no synchronous runs yet"], plot
+    target_key = min(sync, key=lambda k: sync[k]["final"])
+    target = sync[target_key]["final"]
+    lines += [f"Target: {target:.4f}, the final loss of {target_key[0]} at M = {target_key[1]} "
+              f"(lr {sync[target_key]['lr']:g}): the best synchronous loss among {', '.join(optimizers)}.", "",
+              "| synchronous method | M | lr (tried) | final loss (seeds) | tokens to target |", "|---|---|---|---|---|"]
+    for (m, M), r in sorted(sync.items()):
+        tried = ", ".join(f"{x:g}" for x in r["lrs_tried"])
+        lines.append(f"| {m} | {M} | {r['lr']:g} ({tried}) | {_loss(r)} | {_tokens(r, crossing(r['curve'], target))} |")
+    lines.append("")
+    free_step = {**scale, "muon-wp": {**scale["muon-wp"], "step": scale["pipedream"]["step"]}}
+    for K in (4, 8, 16, 32):
+        lines += [f"### K = {K}", "",
+                  "| link | method | schedule, M or depths | ms per microbatch | final loss (seeds) | tokens to target "
+                  "| time to target | vs best synchronous |", "|---|---|---|---|---|---|---|---|"]
+        for link in LINKS:
+            name, latency, bandwidth = link
+            compressed = bool(latency or bandwidth)
+            sync_rows = []
+            for (method, M), r in sorted(sync.items()):
+                if M not in sync_ms(K) and M != 4:
+                    continue
+                for sched in SYNC:
+                    spm = seconds_per_microbatch(sched if method == "gpipe" else method, sched, K, M, link, (), scale)
+                    tt = crossing(r["curve"], target)
+                    sync_rows.append({"label": f"{method}" + (f" on {sched}" if sched != "gpipe" else ""), "M": M,
+                                      "spm": spm, "s": r, "tt": tt,
+                                      "t": None if tt is None else tt / BENCH_TOKENS_PER_MICROBATCH * spm})
+            reaching = [r for r in sync_rows if r["t"] is not None]
+            best = min(reaching, key=lambda r: r["t"]) if reaching else None
+            fastest = min(sync_rows, key=lambda r: r["spm"])
+            ref_t = best["t"] if best else None
+            for label, r in (("best synchronous", best), ("fastest synchronous per token", fastest)):
+                if r is None or (label != "best synchronous" and r is best):
+                    continue
+                lines.append(f"| {name} | {label}: {r['label']} | M = {r['M']} | {r['spm'] * 1e3:.1f} | {_loss(r['s'])} | "
+                             f"{_tokens(r['s'], r['tt'])} | {_seconds(r['t'])} | {'1.00x' if r is best else 'n/a'} |")
+            depths = scenario_depths(K, latency, bandwidth, compressed)
+            cells = [(m, BUDGET) for m in ASYNC + ("muon-wp*",)]
+            cells += sorted({(k[0], k[6]) for k in by_key if k[1] == K and k[6] > BUDGET and k[0] in ASYNC
+                             and k[3] == (",".join(map(str, depths)) if compressed else "")})
+            for method, budget in cells:
+                base = method.rstrip("*")
+                spm = seconds_per_microbatch(base, "pipedream", K, 1, link, depths, free_step if method != base else scale)
+                key = (base, K, 1, ",".join(map(str, depths)) if compressed else "", "int8" if compressed else "none",
+                       3e-3, budget)
+                if budget != BUDGET:
+                    method = f"{base}, {budget // BENCH_TOKENS_PER_MICROBATCH:,} microbatches"
+                r = summarize(by_key[key]) if key in by_key else None
+                tt = crossing(r["curve"], target) if r else None
+                t = None if tt is None else tt / BENCH_TOKENS_PER_MICROBATCH * spm
+                if r is None:
+                    ratio = "loss not measured"
+                elif t is None:
+                    ratio = "never"
+                else:
+                    ratio = f"{t / ref_t:.2f}x" if ref_t else "n/a"
+                    plot.setdefault((K, method), []).append((latency, t / ref_t))
+                shown = list(depths) if K <= 8 else f"[{depths[0]}, {depths[1]}, ..., {depths[-1]}]"
+                lines.append(f"| {name} | {method} | {shown} | {spm * 1e3:.1f} | {_loss(r)} | {_tokens(r, tt)} | "
+                             f"{_seconds(t)} | {ratio} |")
+        lines.append("")
+    lines.append("muon-wp*: muon-wp with its optimizer step at AdamW's measured cost (the Newton-Schulz step of "
+                 "torch's Muon costs 78x AdamW's on this CPU, in bfloat16 matmuls; on a GPU it is a few percent "
+                 "of a pass): a what-if, not a measurement.")
+    return lines, plot
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--collect", metavar="RUNS", help="copy the finished runs under RUNS/sl_k8 and RUNS/sl_sync")
+    parser.add_argument("--costs", action="store_true", help="measure the per-method cost scales again")
+    args = parser.parse_args(argv)
+    if args.collect:
+        collect(Path(args.collect))
+    costs_file = DATA / "costs.json"
+    if args.costs or not costs_file.is_file():
+        DATA.mkdir(parents=True, exist_ok=True)
+        costs_file.write_text(json.dumps(measure_costs(), indent=1) + "\n")
+    scale = json.loads(costs_file.read_text())["scale"]
+    lines, plot = tables(scale)
+    adam_lines, _ = tables(scale, ("gpipe",))
+    lines += ["", "## Against AdamW's synchronous schedules only (the convergence benchmark's reference)", "",
+              *adam_lines]
+    (DATA / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (K, method), points in sorted(plot.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=f"{method}, K = {K}")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="best synchronous")
+        ax.set_xlabel("link latency (ms; bandwidth as in the table)")
+        ax.set_ylabel("time to target / best synchronous")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig("docs/results/slow_links.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
