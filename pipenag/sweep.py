@@ -6,10 +6,11 @@ resumable, with the table that tells methods apart.
     pipenag sweep --config configs/tiny.toml --methods gpipe,pipedream --stages 1,2 --seeds 1,2 --jobs 2
 
 Every run is one `pipenag compare` variant (pipenag.compare.method_config: equal tokens, so
-train.microbatch_budget, or the older train.steps, is the budget in microbatches; identical initial weights and data per seed) trained
-with the simulator in a worker process (--jobs at a time, default: the cores, or the GPUs with
-run.device=cuda). Methods may carry overrides ("gpipe:pipeline.num_microbatches=1") and a stage
-list of their own ("pipemare@8/32"); --grid section.key=v1,v2 adds a config axis.
+train.microbatch_budget, or the older train.steps, is the budget in microbatches; identical
+initial weights and data per seed) trained with the simulator in a worker process (--jobs at a
+time, default: the cores, or the GPUs with run.device=cuda). Methods may carry overrides
+("gpipe:pipeline.num_microbatches=1") and a stage list of their own ("pipemare@8/32");
+--grid section.key=v1,v2 adds a config axis.
 
 - Runs go to OUT/runs/<method>/K<k>/seed<s>/lr<lr>[/<grid>]. A run whose folder holds a
   summary.json for the same config is done and skipped; any other is redone from the start,

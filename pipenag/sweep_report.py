@@ -368,10 +368,12 @@ def report_from_data(folders: Path | list[Path], out: Path, target: Optional[flo
 
 
 def _header(sweep) -> str:
+    from pipenag.compare import budget_of
+
     c = sweep.cfg
     m = c.model
     return (f"# pipenag sweep: {', '.join(v.label for v in sweep.variants)}\n\n"
-            f"Budget {c.train.microbatch_budget or c.train.steps} microbatches of {c.data.microbatch_size} x {m.block_size} tokens per run; "
+            f"Budget {budget_of(c)} microbatches of {c.data.microbatch_size} x {m.block_size} tokens per run; "
             f"model n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}; data {c.data.source} "
             f"({c.data.tokenizer}); seeds {', '.join(map(str, sweep.seeds))}; lrs "
             f"{', '.join(f'{x:g}' for x in sweep.lrs)}" + (f" (tuned on seed {sweep.tune_seed})" if sweep.tune_lr else ""))

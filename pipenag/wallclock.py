@@ -20,7 +20,8 @@ cfg = load_config('configs/tiny.toml'); print(predict(cfg, calibrate(cfg)))"
 - `measure_contention(n)`: how much slower one process computes while n processes compute on
   this machine at once (one torch thread each). Cores that share caches, memory bandwidth or a
   physical core (a VM's vCPUs) slow each other down even when there are as many as processes:
-  on the 2-vCPU test machine two processes run 1.37x slower each, not 1.0x. Given to
+  on the 2-vCPU test machine two processes ran 0.98x, 1.37x and 1.87x slower each in three
+  measurements (docs/results/time_model.md). Given to
   simulate_shared / predict as `slowdown`, it replaces processor sharing's min(1, C / n).
 """
 
@@ -224,16 +225,19 @@ def measure_contention(max_procs: int, seconds: float = 4.0) -> tuple[float, ...
     """
     import multiprocessing as mp
 
-    alone = _contention_work(seconds)
+    before = torch.get_num_threads()
+    try:
+        alone = _contention_work(seconds)
+    finally:
+        torch.set_num_threads(before)
     out = [1.0]
     ctx = mp.get_context("spawn")
     for n in range(2, max_procs + 1):
-        ready, go, q = ctx.Barrier(n + 1), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_contention_child, args=(ready, go, q, seconds)) for _ in range(n)]
+        start, q = ctx.Barrier(n + 1), ctx.Queue()
+        procs = [ctx.Process(target=_contention_child, args=(start, q, seconds)) for _ in range(n)]
         for p in procs:
             p.start()
-        ready.wait(timeout=120)  # every child has imported torch and built its tensors
-        go.set()  # so that all of them compute over the same seconds
+        start.wait(timeout=120)  # releases the children together, each with torch imported and its tensors built
         times = [q.get(timeout=120 + 10 * seconds) for _ in procs]
         for p in procs:
             p.join()
@@ -256,12 +260,8 @@ def _contention_work(seconds: float, start=None) -> float:
     return statistics.median(times)
 
 
-def _contention_child(ready, go, q, seconds: float) -> None:
-    def start() -> None:
-        ready.wait(timeout=120)
-        go.wait(timeout=120)
-
-    q.put(_contention_work(seconds, start))
+def _contention_child(start, q, seconds: float) -> None:
+    q.put(_contention_work(seconds, lambda: start.wait(timeout=120)))
 
 
 def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0,
@@ -340,14 +340,13 @@ def simulate_shared(schedule: Schedule, num_updates: int, forward_time: float | 
     if (cores <= 0 or cores >= K) and not slowdown:
         return simulate(schedule, num_updates, forward_time, backward_time, step_time, latency, transfer_time,
                         backward_transfer_time)
-    if slowdown:
-        table = list(slowdown)
+    table = list(slowdown)
 
-        def rate(n: int) -> float:
-            return 1.0 / (table[n - 1] if n <= len(table) else table[-1] * n / len(table))
-    else:
-        def rate(n: int) -> float:
+    def rate(n: int) -> float:  # the speed of each of n stages that compute at once
+        if not table:
             return min(1.0, cores / n)
+        return 1.0 / (table[n - 1] if n <= len(table) else table[-1] * n / len(table))
+
     return _processor_sharing(schedule, num_updates, forward_time, backward_time, step_time, latency,
                               transfer_time, backward_transfer_time, rate)
 
@@ -356,13 +355,7 @@ def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backw
                        latency: float, transfer_time: float, backward_transfer_time: Optional[float],
                        rate_of) -> Timeline:
     """The event loop of simulate_shared: rate_of(n) is the speed of each of n stages that
-    compute at once (tests run it with rate 1 against simulate); an int is processor sharing
-    on that many cores."""
-    if isinstance(rate_of, int):
-        cores = rate_of
-
-        def rate_of(n: int) -> float:
-            return min(1.0, cores / n)
+    compute at once (tests run it with rate 1 against simulate)."""
     K = schedule.num_stages
     bwd = _per_stage(backward_time, K, "backward_time")
     if schedule.splits_backward:  # zb-h1: the whole backward split in half between B and W (as simulate())
