@@ -1,7 +1,7 @@
 """The loss cost of compressed links: int8 and 4-bit against none, paired by seed, on the
 benchmark regime (configs/bench.toml), from the repository root.
 
-    python experiments/compression.py --run     # the sweeps (about 90 minutes on 2 cores; resumable)
+    python experiments/compression.py --run     # the sweeps (about 3 hours on 2 cores; resumable)
     python experiments/compression.py           # the table of the runs finished so far
 
 The sweeps (`pipenag sweep`, seeds 1-3, lr 3e-3: the lr the convergence benchmark tuned each of
@@ -12,7 +12,12 @@ these methods to, docs/results/convergence.md) write runs/compression_<x>/:
 - k8: pipedream, nesterov and muon-wp (the convergence benchmark's best method) at K = 8,
   none and int8 both ways; pipedream and nesterov with int4-hadamard both ways;
 - k8act: pipedream and nesterov at K = 8 with int4-hadamard on the activations only;
-- k32, k32n: pipedream and nesterov at K = 32, none and int8 both ways.
+- k32, k32n: pipedream and nesterov at K = 32, none and int8 both ways;
+- k32m: muon-wp at K = 32, none and int8 both ways;
+- k8m45: muon-wp at K = 8, none and int8, seeds 4 and 5 (the int8 cost of muon-wp is the
+  smallest difference in the table, so it gets five pairs);
+- k8m4: muon-wp at K = 8 with int4-hadamard, activations only and both ways;
+- k32q4: pipedream and nesterov at K = 32 with int4-hadamard, activations only and both ways.
 Every compressed run is paired with the uncompressed run of the same method, K and seed.
 Compression needs no K = 1 control (one stage sends nothing), so the sweeps skip them. The data
 files go to docs/results/data/compression/<x>/.
@@ -50,6 +55,10 @@ SWEEPS = {
     "k8act": ([variant(m, "int4h-act") for m in METHODS[:2]], "8", "1,2,3"),
     "k32": ([variant("pipedream", c) for c in ("none", "int8")], "32", "1,2,3"),
     "k32n": ([variant("nesterov", c) for c in ("none", "int8")], "32", "1,2,3"),
+    "k32m": ([variant("muon-wp", c) for c in ("none", "int8")], "32", "1,2,3"),
+    "k8m45": ([variant("muon-wp", c) for c in ("none", "int8")], "8", "4,5"),
+    "k8m4": ([variant("muon-wp", c) for c in ("int4h-act", "int4h")], "8", "1,2,3"),
+    "k32q4": ([variant(m, c) for c in ("int4h-act", "int4h") for m in METHODS[:2]], "32", "1,2,3"),
 }
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
