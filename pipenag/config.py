@@ -354,9 +354,10 @@ class DistConfig:
     """The local launcher restarts the whole group this many times after a worker dies or
     hangs, each time from the newest complete checkpoint (then fails, naming every failure)."""
     sync_executor: Literal["own", "torch"] = "own"
-    """What runs the synchronous schedules (gpipe, 1f1b) in the dist engine: "own" (pipenag's
-    executor, as for every schedule) or "torch" (torch.distributed.pipelining's ScheduleGPipe /
-    Schedule1F1B; no link emulation, and the asynchronous schedules cannot use it)."""
+    """What runs the synchronous schedules (gpipe, 1f1b, zb-h1) in the dist engine: "own"
+    (pipenag's executor, as for every schedule) or "torch" (torch.distributed.pipelining's
+    ScheduleGPipe / Schedule1F1B / ScheduleInterleavedZeroBubble; no link emulation or
+    compression, and the asynchronous schedules cannot use it)."""
 
     def __post_init__(self) -> None:
         _check_choices(self)

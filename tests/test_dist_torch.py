@@ -1,4 +1,4 @@
-"""gpipe and 1f1b on torch.distributed.pipelining (--dist.sync_executor=torch) against the
+"""gpipe, 1f1b and zb-h1 on torch.distributed.pipelining (--dist.sync_executor=torch) against the
 simulator, bit for bit, and the combinations it refuses.
 
     python -m pytest tests/test_dist_torch.py -q
@@ -27,7 +27,9 @@ TORCH = ("--dist.sync_executor=torch", "--train.steps=4", "--train.eval_every=2"
 # M=3 is not a power of two: there torch's default gradient rescaling (scale_grads=True) would
 # differ from the simulator in the last bits (docs/dist.md); M=4 is the gpipe default.
 @pytest.mark.slow
-@pytest.mark.parametrize("method,K,M", [("gpipe", 2, 4), ("1f1b", 3, 3)])
+# zb-h1 runs on torch's ScheduleInterleavedZeroBubble with one stage per rank: M = 6 at K = 3 is
+# two of torch's rounds (max(1, M // K)), M = 5 at K = 4 one.
+@pytest.mark.parametrize("method,K,M", [("gpipe", 2, 4), ("1f1b", 3, 3), ("zb-h1", 3, 6), ("zb-h1", 4, 5)])
 def test_torch_schedules_equal_the_simulator(tmp_path, method, K, M):
     """Per-update losses, validation losses (after updates 2 and 4) and final weights."""
     extra = (*TORCH, f"--pipeline.num_microbatches={M}")
@@ -78,6 +80,7 @@ def test_non_finite_loss_blames_the_last_stage(tmp_path, capfd):
     ("nesterov", ("--pipeline.schedule=2bw",), "schedule '2bw' .* asynchronous"),
     ("gpipe", ("--link.latency_ms=20",), "link.latency_ms=20.0"),
     ("1f1b", ("--link.bandwidth_mbps=100",), "link emulation cannot delay"),
+    ("zb-h1", ("--pipeline.num_microbatches=7",), "num_microbatches=7 is not a multiple of torch's number of rounds"),
 ])
 def test_unsupported_combinations_fail_before_any_work(tmp_path, method, extra, match):
     cfg = make_dist_cfg(tmp_path / "d", method, 2, "--train.engine=dist", "--dist.sync_executor=torch", *extra)

@@ -7,7 +7,7 @@
   checkpoints, metrics and summary);
 - executor: runs a stage's action list (pipenag.schedules) against any stage object;
 - comm: the channels between neighbour stages (early receives, link emulation, timeouts);
-- torch_pipelining: gpipe and 1f1b on torch.distributed.pipelining (--dist.sync_executor=torch).
+- torch_pipelining: gpipe, 1f1b and zb-h1 on torch.distributed.pipelining (--dist.sync_executor=torch).
 
 See docs/dist.md.
 """

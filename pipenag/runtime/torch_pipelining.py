@@ -1,4 +1,4 @@
-"""gpipe and 1f1b in the dist engine on torch.distributed.pipelining (--dist.sync_executor=torch).
+"""gpipe, 1f1b and zb-h1 in the dist engine on torch.distributed.pipelining (--dist.sync_executor=torch).
 
     pipenag train --config configs/tiny.toml --method 1f1b --stages 3 --engine dist \
         --dist.sync_executor=torch --out runs/t
@@ -6,7 +6,8 @@
 The worker (pipenag.runtime.worker) sets up the stage as for its own executor: the data, the
 stage module, its StageRunner (optimizer, lr function, grad clip), the metrics and checkpoint
 callbacks. `run_torch_schedule` then trains the stage with torch's PipelineStage and
-ScheduleGPipe / Schedule1F1B instead of pipenag's Executor. Two settings make the numbers the
+ScheduleGPipe / Schedule1F1B (zb-h1: ScheduleInterleavedZeroBubble with one stage per rank, a
+backward split into input- and weight-gradient actions) instead of pipenag's Executor. Two settings make the numbers the
 simulator's bit for bit (docs/dist.md has the experiment): torch must not rescale
 the summed gradients (scale_grads=False), and the loss it backpropagates is lm_loss / M, as
 StageRunner does. Each update is StageRunner.step, so the learning rate, the clip and the
@@ -31,14 +32,15 @@ import torch.distributed as dist
 from pipenag.config import Config
 from pipenag.runtime.comm import PeerFailure, short_error
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 
 
 def check_supported(cfg: Config) -> None:
     """Fail before any process group or data exists when dist.sync_executor="torch" cannot run.
 
     Raises:
-        ValueError: the schedule is not gpipe or 1f1b, or link emulation is on.
+        ValueError: the schedule is not gpipe, 1f1b or zb-h1, link emulation or compression is on,
+            or (zb-h1) M is not a multiple of torch's number of rounds, max(1, M // K).
     """
     if cfg.dist.sync_executor != "torch":
         return
@@ -47,8 +49,16 @@ def check_supported(cfg: Config) -> None:
     name = resolve(cfg).schedule.name
     if name not in SCHEDULES:
         raise ValueError(f"dist.sync_executor='torch': schedule {name!r} (method {cfg.pipeline.method!r}) is "
-                         f"asynchronous; torch.distributed.pipelining runs only {' and '.join(SCHEDULES)}. "
+                         f"asynchronous; torch.distributed.pipelining runs only {', '.join(SCHEDULES)}. "
                          "Use dist.sync_executor='own'")
+    if name == "zb-h1":
+        M, K = resolve(cfg).schedule.num_microbatches, cfg.pipeline.num_stages
+        rounds = max(1, M // K)
+        if M % rounds:
+            raise ValueError(f"dist.sync_executor='torch' with schedule 'zb-h1': pipeline.num_microbatches={M} "
+                             f"is not a multiple of torch's number of rounds max(1, M // K) = {rounds} "
+                             f"(ScheduleInterleavedZeroBubble, K = {K}). Use M <= {2 * K - 1}, a multiple "
+                             "of the rounds, or dist.sync_executor='own'")
     if cfg.link.latency_ms > 0 or cfg.link.bandwidth_mbps > 0:
         raise ValueError(f"dist.sync_executor='torch' with link.latency_ms={cfg.link.latency_ms}, "
                          f"link.bandwidth_mbps={cfg.link.bandwidth_mbps}: torch's schedules send through "
@@ -72,6 +82,7 @@ def run_torch_schedule(st) -> dict:
         communication, which it does not separate), optimizer_s, eval_s, and counts.
     """
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining.schedules import ScheduleInterleavedZeroBubble
 
     from pipenag.model import lm_loss
 
@@ -91,9 +102,14 @@ def run_torch_schedule(st) -> dict:
     def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return lm_loss(out, y) / M  # StageRunner backpropagates loss / M per microbatch
 
-    cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
     # Every rank passes loss_fn: without one torch's schedule runs no backward on that rank.
-    schedule = cls(stage, M, loss_fn=loss_fn, scale_grads=False)
+    if schedule_name == "zb-h1":
+        # One local stage: torch's interleaved zero-bubble order with a single virtual stage per
+        # rank, forwards, input-gradient (I) and weight-gradient (W) actions.
+        schedule = ScheduleInterleavedZeroBubble([stage], M, loss_fn=loss_fn, scale_grads=False)
+    else:
+        cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+        schedule = cls(stage, M, loss_fn=loss_fn, scale_grads=False)
 
     clock = time.perf_counter
     stats = {"executor": "torch", "wall_s": 0.0, "schedule_s": 0.0, "optimizer_s": 0.0, "eval_s": 0.0,

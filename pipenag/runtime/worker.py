@@ -6,7 +6,7 @@ Started by the local launcher (pipenag.runtime.launch, as `python -m pipenag.run
 config in $PIPENAG_DIST_CONFIG) or by torchrun (which runs `pipenag train` in every process).
 Every process builds the data and the whole model from the seed and keeps its stage, so the
 weights and batches are those of the simulator; its StageRunner then runs its action list under
-the executor (pipenag.runtime.executor), or, with dist.sync_executor="torch", torch's gpipe / 1f1b
+the executor (pipenag.runtime.executor), or, with dist.sync_executor="torch", torch's gpipe / 1f1b / zb-h1
 schedule (pipenag.runtime.torch_pipelining). The last stage writes metrics.jsonl and summary.json with
 the records of the simulator engine; every stage writes its own checkpoints.
 
@@ -292,7 +292,7 @@ def _train(cfg: Config, resume: bool, k: int, backend: str, device: torch.device
     from pipenag.build import build_pipeline
     from pipenag.data import build_data
 
-    on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b
+    on_torch = cfg.dist.sync_executor == "torch"  # torch.distributed.pipelining runs gpipe / 1f1b / zb-h1
     groups = None if on_torch else make_link_groups(cfg.pipeline.num_stages)
     data = build_data(cfg.data, cfg.model.block_size, cfg.train.seed)
     st = StageTraining(cfg, build_pipeline(cfg, data.vocab_size, train_ids=data.train_ids), data, k, device,
