@@ -174,6 +174,25 @@ def table() -> list[str]:
     return lines
 
 
+def per_seed() -> list[str]:
+    """Per K, a table of the final validation loss of every run: a line per codec, a column per
+    method, the seeds in order."""
+    records = [r for name in SWEEPS if name != "check" for r in read_runs(name)]
+    lines = []
+    for K in (8, 32):
+        lines += ["", f"Final validation loss per seed, K = {K}:", "",
+                  "| variant | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+        for codec, (act, grad) in CODECS.items():
+            cells = []
+            for method in METHODS:
+                runs = sorted((r["seed"], r["val_loss"]) for r in records
+                              if r["method"] == variant(method, codec) and r["stages"] == K)
+                cells.append(" / ".join(f"{v:.4f}" for _, v in runs) + f" (seeds {','.join(str(s) for s, _ in runs)})"
+                             if runs else "not run")
+            lines.append(f"| {act} / {grad} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
@@ -186,7 +205,7 @@ def main(argv: list[str]) -> int:
         runs = collect(name)
         if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
             write_data(name, runs)
-    print("\n".join(table()))
+    print("\n".join(table() + per_seed()))
     return 0
 
 
