@@ -243,7 +243,9 @@ def sync_losses(by_key: dict) -> dict[tuple[str, int], dict]:
     best: dict[tuple[str, int], tuple[float, float, dict]] = {}
     for key, members in by_key.items():
         method, K, M, _, _, lr, budget = key
-        if method not in ("gpipe", "gpipe-muon") or K != 1 or budget != BUDGET:
+        # An M that does not divide the budget makes 2,000 // M updates (M = 32: 1,984 microbatches).
+        per_update = M * BENCH_TOKENS_PER_MICROBATCH
+        if method not in ("gpipe", "gpipe-muon") or K != 1 or budget != BUDGET // per_update * per_update:
             continue
         s = summarize(members)
         s["lr"] = lr
