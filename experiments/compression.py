@@ -26,11 +26,11 @@ files go to docs/results/data/compression/<x>/.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from paired_runs import collect, paired, read_runs, write_data
 
 from pipenag.sweep_report import read_data
 
@@ -81,66 +81,10 @@ def committed_none_losses() -> dict[tuple[str, int, int], float]:
     return out
 
 
-def collect(name: str) -> list[dict]:
-    """The finished runs of sweep `name`, read from their run folders (summary.json and
-    metrics.jsonl): method label, K, seed, final validation loss, and the curve."""
-    import json
-
-    from pipenag.compare import folder_name
-    from pipenag.metrics import read_metrics
-
-    methods, stages, seeds = SWEEPS[name]
-    labels = {folder_name(m): m for m in methods}
-    out = []
-    for path in sorted(Path(f"runs/compression_{name}/runs").glob("*/K*/seed*/lr*/summary.json")):
-        folder = path.parent
-        label = labels.get(folder.parents[2].name)
-        summary = json.loads(path.read_text())
-        if label is None or summary.get("status") != "ok":
-            continue
-        curve = [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"]}
-                 for r in read_metrics(folder) if r.get("val_loss") is not None]
-        out.append({"method": label, "stages": int(folder.parents[1].name[1:]), "seed": int(folder.parent.name[4:]),
-                    "val_loss": summary["val_loss"], "updates": summary["updates"], "tokens": summary["tokens"],
-                    "wall_time_s": summary["wall_time_s"], "messages": summary.get("messages"), "curve": curve})
-    return out
-
-
-def write_data(name: str, runs: list[dict]) -> None:
-    """DATA/<name>/runs.csv (one line per run) and curves.csv (every evaluation)."""
-    import csv
-
-    folder = DATA / name
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "runs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s"])
-        for r in runs:
-            w.writerow([r["method"], r["stages"], r["seed"], repr(r["val_loss"]), r["updates"], r["tokens"],
-                        r["wall_time_s"]])
-    with open(folder / "curves.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
-        for r in runs:
-            for e in r["curve"]:
-                w.writerow([r["method"], r["stages"], r["seed"], e["step"], e["tokens"], repr(e["val_loss"])])
-
-
-def read_runs(name: str) -> list[dict]:
-    import csv
-
-    path = DATA / name / "runs.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
-                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(f)]
-
-
 def table() -> list[str]:
     committed = committed_none_losses()
     lines = []
-    for r in read_runs("check"):
+    for r in read_runs(DATA / "check"):
         ref = committed.get(("pipedream", r["stages"], r["seed"]))
         lines.append(f"- reproduction check: pipedream K = {r['stages']} seed {r['seed']} without compression: "
                      f"{r['val_loss']!r} here, {ref!r} in the convergence benchmark's data "
@@ -150,34 +94,29 @@ def table() -> list[str]:
     from pipenag.config import load_config
     from pipenag.link.messages import message_bytes
 
-    records = [r for name in SWEEPS if name != "check" for r in read_runs(name)]
-    none = {(r["method"], r["stages"], r["seed"]): r["val_loss"] for r in records}
+    records = [r for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
     for K in (8, 32):
         for codec, (act, grad) in CODECS.items():
             if codec == "none":
                 continue
             for method in METHODS:
-                rows = [r for r in records if r["method"] == variant(method, codec) and r["stages"] == K]
-                base = variant(method, "none")
-                pairs = [(none[(base, K, r["seed"])], r["val_loss"]) for r in rows if (base, K, r["seed"]) in none]
-                if not pairs:
+                stats = paired(records, variant(method, codec), variant(method, "none"), K)
+                if stats is None:
                     continue
+                n, loss_none, loss_codec, diff, se = stats
                 cfg = load_config("configs/bench.toml", [f"--link.compress_activations={act}",
                                                           f"--link.compress_gradients={grad}"])
                 sizes = (f"{message_bytes(cfg, 'activation'):,} / {message_bytes(cfg, 'gradient'):,} of "
                          f"{message_bytes(cfg):,}")
-                diffs = [c - n for n, c in pairs]
-                se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-                lines.append(f"| {method} | {K} | {act} / {grad} | {sizes} | {len(pairs)} | "
-                             f"{statistics.fmean(n for n, _ in pairs):.4f} | {statistics.fmean(c for _, c in pairs):.4f} | "
-                             f"{statistics.fmean(diffs):+.4f} +- {se:.4f} |")
+                lines.append(f"| {method} | {K} | {act} / {grad} | {sizes} | {n} | {loss_none:.4f} | "
+                             f"{loss_codec:.4f} | {diff:+.4f} +- {se:.4f} |")
     return lines
 
 
 def per_seed() -> list[str]:
     """Per K, a table of the final validation loss of every run: a line per codec, a column per
     method, the seeds in order."""
-    records = [r for name in SWEEPS if name != "check" for r in read_runs(name)]
+    records = [r for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
     lines = []
     for K in (8, 32):
         lines += ["", f"Final validation loss per seed, K = {K}:", "",
@@ -202,9 +141,9 @@ def main(argv: list[str]) -> int:
     for name in args.sweeps.split(","):
         if args.run:
             subprocess.run(command(name, args.jobs), check=True)
-        runs = collect(name)
+        runs = collect(Path(f"runs/compression_{name}"), SWEEPS[name][0])
         if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
-            write_data(name, runs)
+            write_data(DATA / name, runs)
     print("\n".join(table() + per_seed()))
     return 0
 

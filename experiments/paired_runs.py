@@ -1,0 +1,74 @@
+"""Helpers of the paired experiments (compression.py, corrections.py): the finished runs of a
+`pipenag sweep`, their data files, and the paired difference of two methods over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def collect(out: Path, methods: list[str]) -> list[dict]:
+    """The finished runs of the sweep in folder `out` (`pipenag sweep --out`), read from their run
+    folders (summary.json and metrics.jsonl): method label, K, seed, final validation loss, and
+    the curve."""
+    from pipenag.compare import folder_name
+    from pipenag.metrics import read_metrics
+
+    labels = {folder_name(m): m for m in methods}
+    runs = []
+    for path in sorted(Path(out, "runs").glob("*/K*/seed*/lr*/summary.json")):
+        folder = path.parent
+        label = labels.get(folder.parents[2].name)
+        summary = json.loads(path.read_text())
+        if label is None or summary.get("status") != "ok":
+            continue
+        curve = [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"]}
+                 for r in read_metrics(folder) if r.get("val_loss") is not None]
+        runs.append({"method": label, "stages": int(folder.parents[1].name[1:]), "seed": int(folder.parent.name[4:]),
+                     "val_loss": summary["val_loss"], "updates": summary["updates"], "tokens": summary["tokens"],
+                     "wall_time_s": summary["wall_time_s"], "curve": curve})
+    return runs
+
+
+def write_data(folder: Path, runs: list[dict]) -> None:
+    """folder/runs.csv (one line per run) and folder/curves.csv (every evaluation)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s"])
+        for r in runs:
+            w.writerow([r["method"], r["stages"], r["seed"], repr(r["val_loss"]), r["updates"], r["tokens"],
+                        r["wall_time_s"]])
+    with open(folder / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
+        for r in runs:
+            for e in r["curve"]:
+                w.writerow([r["method"], r["stages"], r["seed"], e["step"], e["tokens"], repr(e["val_loss"])])
+
+
+def read_runs(folder: Path) -> list[dict]:
+    """The runs of folder/runs.csv (none when the sweep has not written it yet)."""
+    path = folder / "runs.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
+                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(f)]
+
+
+def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, float, float, float, float] | None:
+    """(pairs, mean loss of base, mean loss of method, mean difference, its standard error) over
+    the seeds that both have at this K; None when no seed has both."""
+    losses = {(r["method"], r["stages"], r["seed"]): r["val_loss"] for r in records}
+    pairs = [(losses[(base, stages, s)], v) for (m, k, s), v in sorted(losses.items())
+             if m == method and k == stages and (base, stages, s) in losses]
+    if not pairs:
+        return None
+    diffs = [v - b for b, v in pairs]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return (len(pairs), statistics.fmean(b for b, _ in pairs), statistics.fmean(v for _, v in pairs),
+            statistics.fmean(diffs), se)
