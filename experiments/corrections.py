@@ -1,0 +1,84 @@
+"""The delay corrections of issue 19 against their base methods, paired by seed, on the benchmark
+regime (configs/bench.toml), from the repository root.
+
+    python experiments/corrections.py --run     # the sweeps (resumable), then the table
+    python experiments/corrections.py           # the table of the runs finished so far
+
+The sweeps (`pipenag sweep`, seeds 1-3, lr 3e-3: the lr the convergence benchmark tuned
+pipedream and muon to, docs/results/convergence.md; not tuned for the corrections) write
+runs/corrections_<x>/:
+- k8: at K = 8, pipedream and its corrections pipedream-ef (error feedback on AdamW's update,
+  c = 1) and pipedream-dc (DC-ASGD, lambda = 0.04), muon and muon-ef (c = 1);
+- k32m: muon and muon-ef at K = 32;
+- k32: pipedream, pipedream-ef and pipedream-dc at K = 32.
+The base methods are run again here, not read from the convergence benchmark's data: runs on
+another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
+Every correction is paired with its base method at the same K and seed. No K = 1 controls: the
+table is the correction's effect at a depth, not a delay penalty. The data files go to
+docs/results/data/corrections/<x>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from paired_runs import collect, paired, read_runs, write_data
+
+BASE = {"pipedream-ef": "pipedream", "pipedream-dc": "pipedream", "muon-ef": "muon"}
+SWEEPS = {
+    "k8": (["pipedream", "pipedream-ef", "pipedream-dc", "muon", "muon-ef"], "8", "1,2,3"),
+    "k32m": (["muon", "muon-ef"], "32", "1,2,3"),
+    "k32": (["pipedream", "pipedream-ef", "pipedream-dc"], "32", "1,2,3"),
+}
+DATA = Path("docs/results/data/corrections")
+
+
+def command(name: str, jobs: int) -> list[str]:
+    methods, stages, seeds = SWEEPS[name]
+    return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(methods),
+            "--stages", stages, "--seeds", seeds, "--lrs", "3e-3", "--no-k1-controls", "--jobs", str(jobs),
+            "--out", f"runs/corrections_{name}"]
+
+
+def table(records: list[dict]) -> list[str]:
+    """The paired table: one line per correction and K, then every run's loss."""
+    lines = ["| method | base | K | seeds | loss base | loss method | paired difference +- s.e. |",
+             "|---|---|---|---|---|---|---|"]
+    for K in sorted({r["stages"] for r in records}):
+        for method, base in BASE.items():
+            stats = paired(records, method, base, K)
+            if stats is not None:
+                n, loss_base, loss_method, diff, se = stats
+                lines.append(f"| {method} | {base} | {K} | {n} | {loss_base:.4f} | {loss_method:.4f} | "
+                             f"{diff:+.4f} +- {se:.4f} |")
+    lines += ["", "| method | K | final validation loss, seeds in order |", "|---|---|---|"]
+    for method, K in sorted({(r["method"], r["stages"]) for r in records}, key=lambda mk: (mk[1], mk[0])):
+        runs = sorted((r["seed"], r["val_loss"]) for r in records if r["method"] == method and r["stages"] == K)
+        lines.append(f"| {method} | {K} | " + " / ".join(f"{v:.4f}" for _, v in runs)
+                     + f" (seeds {','.join(str(s) for s, _ in runs)}) |")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    for name in args.sweeps.split(","):
+        if name not in SWEEPS:
+            raise SystemExit(f"error: no sweep {name!r}; the sweeps are {', '.join(SWEEPS)}")
+        if args.run:
+            subprocess.run(command(name, args.jobs), check=True)
+        runs = collect(Path(f"runs/corrections_{name}"), SWEEPS[name][0])
+        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
+            write_data(DATA / name, runs)
+    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
