@@ -10,8 +10,18 @@ On a machine without CUDA it says so and exits with status 0 (nothing to check).
 2. the runtime trains the same run with dist.backend=nccl, K = 2, one process per GPU, and is
    compared with the CUDA simulator to the same tolerance. NCCL refuses two ranks on one GPU,
    so with a single GPU this check is skipped and says why;
-3. `pipenag bench optimizer` times the optimizers on a stage on the GPU (run.device=cuda).
+3. `pipenag bench optimizer` times the optimizers on a stage on the GPU (run.device=cuda);
+4. paper scale: configs/paper-base.toml (134M parameters) at K = 4 in the simulator, bf16,
+   30 updates (byte tokens, so no tokenizer is trained; the model keeps GPT-2's vocabulary
+   size): tokens/s, TFLOP/s, MFU and peak memory, with `pipenag plan`'s prediction next to
+   them (memory: the stages' weights, gradients, optimizer state, stashes and activations,
+   without the runtime's receive buffers, since the simulator holds every stage in one
+   process; time: the FLOPs at the device's peak, so measured / predicted is 1 / MFU).
+   The plan counts activations in float32; under bf16 autocast some of them are bfloat16, so
+   the measured peak is expected below it. Reported, not a pass/fail check.
 Exit status 1 if a check fails.
+
+    python experiments/device_check.py --smoke     # check 4 on the CPU with configs/tiny.toml
 """
 
 from __future__ import annotations
@@ -39,6 +49,50 @@ def train(out: Path, *extra: str) -> list[float]:
     return [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def paper_scale(out: Path, device: str, config: str = "configs/paper-base.toml", stages: int = 4,
+                updates: int = 30) -> dict:
+    """Check 4: train `config` at K = `stages` in the simulator, bf16, for `updates` updates on
+    `device`, and put its measured throughput and peak memory next to `pipenag plan`'s."""
+    overrides = ["--stages", str(stages), "--run.dtype=bfloat16", "--data.tokenizer=bytes"]
+    cmd = [sys.executable, "-m", "pipenag", "train", "--config", config, *overrides, f"--run.device={device}",
+           f"--train.steps={updates}", f"--train.eval_every={updates}", "--train.eval_batches=2",
+           "--train.checkpoint_every=0", "--train.log_every=10", "--run.progress=false", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    tp = summary["throughput"]
+    peak = tp["peak_tflops"]
+    plan_cmd = [sys.executable, "-m", "pipenag", "plan", "--config", config, *overrides, "--json"]
+    if peak:
+        plan_cmd += ["--tflops", str(peak)]
+    res = subprocess.run(plan_cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(plan_cmd)} failed:\n{res.stderr[-2000:]}")
+    plan = json.loads(res.stdout)
+    predicted = sum(st["total_bytes"] - st["recv_bytes"] for st in plan["stages"])
+    measured = summary["peak_memory"]["bytes"]
+    s_per_update = summary["wall_time_s"] / summary["updates"]
+    predicted_s = plan["time"]["s_per_update"] if plan["time"] else None
+    return {"config": config, "stages": stages, "updates": summary["updates"], "dtype": "bfloat16",
+            "device": device, "tokens_per_s": tp["tokens_per_s"], "achieved_tflops": tp["achieved_tflops"],
+            "peak_tflops": peak, "mfu": tp["mfu"], "peak_memory_bytes": measured,
+            "peak_memory_source": summary["peak_memory"]["source"], "plan_memory_bytes": predicted,
+            "memory_measured_over_plan": measured / predicted, "s_per_update": s_per_update,
+            "plan_s_per_update_at_peak": predicted_s, "val_loss": summary["val_loss"]}
+
+
+def format_paper_scale(r: dict) -> str:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown peak"
+    at_peak = (f", {r['plan_s_per_update_at_peak'] * 1e3:.1f} ms at the device's peak"
+               if r["plan_s_per_update_at_peak"] else "")
+    return (f"4. {r['config']} K={r['stages']} bf16, {r['updates']} updates on {r['device']}: "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}; "
+            f"{r['s_per_update'] * 1e3:.1f} ms per update (whole run){at_peak}; peak memory "
+            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']}) against plan's "
+            f"{r['plan_memory_bytes'] / 2**30:.2f} GiB (measured / plan {r['memory_measured_over_plan']:.2f})")
+
+
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     if len(a) != len(b):
         return math.inf
@@ -48,7 +102,16 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run check 4 on the CPU with configs/tiny.toml (tests the script, no GPU)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = paper_scale(Path(tmp) / "paper", "cpu", config="configs/tiny.toml", stages=2, updates=3)
+        print(format_paper_scale(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"paper_scale": result}, indent=2))
+        return 0
     if not torch.cuda.is_available():
         print(f"device-check: no CUDA device on this machine (torch {torch.__version__}); nothing to check")
         return 0
@@ -86,6 +149,14 @@ def main(argv: list[str]) -> int:
     print(bench.stdout[-3000:] if bench.returncode == 0 else bench.stderr[-3000:])
     ok &= bench.returncode == 0
     results["bench_optimizer"] = bench.stdout[-3000:]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["paper_scale"] = paper_scale(Path(tmp) / "paper", "cuda")
+        print(format_paper_scale(results["paper_scale"]))
+    except RuntimeError as e:
+        results["paper_scale"] = f"failed: {e}"
+        ok = False
+        print(f"4. paper scale: FAILED: {e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"device-check: {'all checks passed' if ok else 'a check FAILED'}")
