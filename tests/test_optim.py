@@ -432,3 +432,25 @@ def test_build_basis_rotation_is_basis_rotation_on_the_matrices_and_adamw_elsewh
             ref.step()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_adamw_takes_the_fused_kernel_on_cuda_only():
+    from types import SimpleNamespace
+
+    from pipenag.optim import build_optimizer, build_muon
+    from pipenag.optim.composite import cuda_fused
+
+    on = SimpleNamespace(device=torch.device("cuda", 0))
+    off = SimpleNamespace(device=torch.device("cpu"))
+    assert cuda_fused([on, on]) is True
+    assert cuda_fused([{"params": [on]}, {"params": [on]}]) is True
+    assert cuda_fused([on, off]) is None  # a mixed list keeps torch's default
+    assert cuda_fused([on], foreach=False) is None  # an explicit foreach is kept (fused excludes it)
+    assert cuda_fused([]) is None
+    # On the CPU every AdamW pipenag builds stays torch's default path: the numbers never change.
+    p = torch.nn.Parameter(torch.ones(3))
+    assert build_optimizer("adamw", [p], lr=0.1).defaults["fused"] is None
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    for opt in (build_muon(module, lr=0.1), build_optimizer("basis-rotation", module, lr=0.1)):
+        adamw = [o for o in opt._optimizers if isinstance(o, torch.optim.AdamW)]
+        assert adamw and all(o.defaults["fused"] is None for o in adamw)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["CompositeOptimizer", "hidden_matrix_params"]
+__all__ = ["CompositeOptimizer", "cuda_fused", "hidden_matrix_params"]
 
 
 class _MergedState(Mapping):
@@ -282,3 +282,14 @@ def hidden_matrix_params(
     for p in module.parameters():
         (hidden if p in linear and p not in other else rest).append(p)
     return hidden, rest
+
+
+def cuda_fused(params, foreach: bool | None = None) -> bool | None:
+    """The `fused` argument for torch's AdamW: True when every parameter is on a CUDA device
+    and `foreach` is not forced (torch's fused kernel is its fastest path there), else None
+    (torch's default: foreach on CUDA, the plain loop on the CPU, so CPU numbers never change).
+    `params` is a list of tensors or of parameter groups."""
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    if foreach is None and tensors and all(t.device.type == "cuda" for t in tensors):
+        return True
+    return None

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from pipenag.optim.basis_rotation import BasisRotation
-from pipenag.optim.composite import CompositeOptimizer, hidden_matrix_params
+from pipenag.optim.composite import CompositeOptimizer, cuda_fused, hidden_matrix_params
 from pipenag.optim.delayed_nesterov import MOMENTUM_SCHEDULES, DelayedNesterov
 from pipenag.optim.error_feedback import ErrorFeedback
 from pipenag.optim.muon import build_muon
@@ -118,7 +118,8 @@ def build_optimizer(
         stage_idx: the stage's position (nesterov-nows).
         num_stages: the number of stages (nesterov-nows).
         staleness: every stage's staleness (nesterov-nows; None = K-1-k).
-        foreach: passed to the torch optimizer (None = its default).
+        foreach: passed to the torch optimizer (None = its default). AdamW (alone and as the
+            rest of basis-rotation and muon) takes torch's fused kernel on CUDA (cuda_fused).
         ef_scale: the error-feedback scale c >= 0 of the "-ef" names.
 
     Returns:
@@ -155,8 +156,10 @@ def build_optimizer(
         return value if momentum is None else momentum
 
     if name == "adamw":
+        params = list(params)
         return torch.optim.AdamW(
-            params, lr=lr, betas=(default(0.9), 0.999), eps=1e-8, weight_decay=weight_decay, foreach=foreach
+            params, lr=lr, betas=(default(0.9), 0.999), eps=1e-8, weight_decay=weight_decay, foreach=foreach,
+            fused=cuda_fused(params, foreach),
         )
     if name in ("nesterov", "nesterov-nows"):
         beta1 = default(0.99) if name == "nesterov" else default(nows)
@@ -188,7 +191,7 @@ def build_optimizer(
             children.append(BasisRotation(hidden, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay))
         if rest:
             children.append(torch.optim.AdamW(rest, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
-                                              foreach=foreach))
+                                              foreach=foreach, fused=cuda_fused(rest, foreach)))
         return CompositeOptimizer(children)
     if name == "muon":
         return build_muon(module, lr=lr, weight_decay=weight_decay, momentum=default(0.95))

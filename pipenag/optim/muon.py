@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from pipenag.optim.composite import CompositeOptimizer, hidden_matrix_params
+from pipenag.optim.composite import CompositeOptimizer, cuda_fused, hidden_matrix_params
 
 __all__ = ["ADJUST_LR_FNS", "build_muon"]
 
@@ -125,5 +125,5 @@ def build_muon(
             ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
     if rest:
         optimizers.append(torch.optim.AdamW(
-            rest, lr=lr, betas=tuple(adam_betas), eps=eps, weight_decay=weight_decay))
+            rest, lr=lr, betas=tuple(adam_betas), eps=eps, weight_decay=weight_decay, fused=cuda_fused(rest)))
     return CompositeOptimizer(optimizers)
