@@ -9,7 +9,9 @@ On a machine without CUDA it says so and exits with status 0 (nothing to check).
    TOLERANCE (relative): GPU kernels reduce in another order, so bit equality is not expected;
 2. the runtime trains the same run with dist.backend=nccl, K = 2, one process per GPU, and is
    compared with the CUDA simulator to the same tolerance. NCCL refuses two ranks on one GPU,
-   so with a single GPU this check is skipped and says why;
+   so with a single GPU this check is skipped and says why; 2b. the runtime with gloo and
+   run.device=cuda (K = 2 processes computing on the GPUs, sharing one if there is one, the
+   messages through host memory) against the CUDA simulator, on any number of GPUs;
 3. `pipenag bench optimizer` times the optimizers on a stage on the GPU (run.device=cuda);
 4. paper scale: configs/paper-base.toml (134M parameters) at K = 4 in the simulator, bf16,
    30 updates (byte tokens, so no tokenizer is trained; the model keeps GPT-2's vocabulary
@@ -130,8 +132,8 @@ def main(argv: list[str]) -> int:
         ok &= passed
         print(f"1. simulator cuda vs cpu, 20 updates: max relative loss difference {diff:.2e} "
               f"({'ok' if passed else 'FAIL'}, tolerance {TOLERANCE:g})")
+        sim2 = train(root / "gpu2", "--stages", "2", "--run.device=cuda")
         if gpus >= 2:
-            sim2 = train(root / "gpu2", "--stages", "2", "--run.device=cuda")
             nccl = train(root / "nccl", "--stages", "2", "--engine", "dist", "--dist.backend=nccl")
             diff = max_rel_diff(nccl, sim2)
             results["dist_nccl_vs_sim_cuda_max_rel_diff"] = diff
@@ -142,6 +144,19 @@ def main(argv: list[str]) -> int:
         else:
             results["dist_nccl"] = "skipped: one GPU (NCCL needs one GPU per rank)"
             print("2. runtime with NCCL: skipped, this machine has one GPU and NCCL needs a GPU per rank")
+        # Every GPU count: K = 2 processes computing on the GPU(s), messages through host memory.
+        try:
+            gloo = train(root / "gloo", "--stages", "2", "--engine", "dist", "--dist.backend=gloo",
+                         "--run.device=cuda")
+            diff = max_rel_diff(gloo, sim2)
+            passed = diff <= TOLERANCE
+            print(f"2b. runtime with gloo, K=2 processes computing on the GPU vs the CUDA simulator: max "
+                  f"relative difference {diff:.2e} ({'ok' if passed else 'FAIL'})")
+        except RuntimeError as e:
+            diff, passed = f"failed: {e}", False
+            print(f"2b. runtime with gloo on the GPU: FAILED: {e}")
+        results["dist_gloo_cuda_vs_sim_cuda_max_rel_diff"] = diff
+        ok &= passed
     bench = subprocess.run([sys.executable, "-m", "pipenag", "bench", "optimizer", "--config", "configs/small.toml",
                             "--stages", "8", "--run.device=cuda", "--repeats", "10"],
                            capture_output=True, text=True, timeout=1800)

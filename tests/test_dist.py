@@ -201,3 +201,23 @@ def test_non_finite_loss_stops_the_run_like_the_simulator(tmp_path, capfd):
     assert [r["step"] for r in records] == [1, 2] and records[-1]["train_loss"] is None  # strict JSON
     summary = json.loads((Path(cfg.run.out_dir) / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["engine"] == "dist"
+
+
+def test_backend_and_device_choices(monkeypatch):
+    from pipenag.config import load_config
+    from pipenag.runtime.worker import backend_and_device
+
+    assert backend_and_device(load_config(None, ["--dist.backend=gloo"]), 1) == ("gloo", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="run.device='cuda' with dist.backend='gloo'"):
+        backend_and_device(load_config(None, ["--dist.backend=gloo", "--run.device=cuda"]), 0)
+    with pytest.raises(ValueError, match="dist.backend='nccl' needs CUDA"):
+        backend_and_device(load_config(None, ["--dist.backend=nccl"]), 0)
+    # K processes share the GPUs there are: local rank modulo their number
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = load_config(None, ["--dist.backend=gloo", "--run.device=cuda"])
+    assert [backend_and_device(cfg, r) for r in range(3)] == [("gloo", torch.device("cuda", r % 2)) for r in range(3)]
+    with pytest.raises(ValueError, match="sync_executor='torch' with dist.backend='gloo' and run.device='cuda'"):
+        backend_and_device(load_config(None, ["--dist.backend=gloo", "--run.device=cuda",
+                                              "--dist.sync_executor=torch"]), 0)

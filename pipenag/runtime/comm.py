@@ -131,12 +131,16 @@ class Sender:
         max_pending: sends left outstanding before the oldest is awaited.
         codec: a pipenag.link codec: the packed bytes travel instead of the tensor (None: the
             tensor as it is).
+        wire_device: where the backend takes its tensors (None: where they are); a tensor
+            elsewhere is encoded where it is, then copied there.
     """
 
     def __init__(self, group, dst: int, stage_idx: int, peer_stage: int, link: LinkModel,
-                 timeout_s: Optional[float], max_pending: int = 8, codec=None):
+                 timeout_s: Optional[float], max_pending: int = 8, codec=None,
+                 wire_device: Optional[torch.device] = None):
         self.group, self.dst = group, dst
         self.codec = codec
+        self.wire_device = wire_device
         self.bytes_sent = 0
         self.messages_sent = 0
         self.stage_idx, self.peer_stage = stage_idx, peer_stage
@@ -161,6 +165,8 @@ class Sender:
         tag = self._seq & TAG_MASK
         self._seq += 1
         tensor = self.codec.encode(tensor) if self.codec is not None else tensor.contiguous()
+        if self.wire_device is not None and tensor.device != self.wire_device:
+            tensor = tensor.to(self.wire_device)
         self.bytes_sent += tensor.numel() * tensor.element_size()
         self.messages_sent += 1
         if self._queue is None:
@@ -229,14 +235,17 @@ class Receiver:
         timeout_s: how long to wait for one message (None: the group's timeout).
         codec: the sender's pipenag.link codec: the buffers hold its packed bytes, decoded on
             receipt into `shape` and `dtype` (None: the buffers are the tensors).
+        wire_device: where the buffers live (None: `device`); each message is copied to
+            `device` on receipt and decoded there.
     """
 
     def __init__(self, group, src: int, stage_idx: int, peer_stage: int, keys: Iterable[Hashable],
                  shape: Sequence[int], dtype: torch.dtype, device: torch.device, window: int,
-                 timeout_s: Optional[float], codec=None):
+                 timeout_s: Optional[float], codec=None, wire_device: Optional[torch.device] = None):
         self.group, self.src = group, src
         self.stage_idx, self.peer_stage = stage_idx, peer_stage
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.wire_device = device if wire_device is None else wire_device
         self.codec = codec
         numel = 1
         for n in self.shape:
@@ -255,7 +264,7 @@ class Receiver:
             return False
         seq, key = item
         assert key not in self._posted, f"message key {key!r} twice in one channel"
-        buf = torch.empty(self._wire[0], dtype=self._wire[1], device=self.device)
+        buf = torch.empty(self._wire[0], dtype=self._wire[1], device=self.wire_device)
         try:
             work = dist.irecv(buf, self.src, group=self.group, tag=seq & TAG_MASK)
         except RuntimeError as e:  # the connection is already gone
@@ -291,6 +300,8 @@ class Receiver:
                                   timed_out=True) from None
             raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage} while waiting "
                               f"for {what} ({short_error(e)})", self.peer_stage) from None
+        if buf.device != self.device:
+            buf = buf.to(self.device)
         if self.codec is not None:
             return self.codec.decode(buf, self.shape, self.dtype)
         return buf
@@ -320,13 +331,16 @@ class Transport:
         timeout_s: for one message (None: the process group's timeout).
         activation_codec, gradient_codec: pipenag.link codecs of the two directions (None:
             uncompressed); every stage must use the same ones.
+        wire_device: where the backend takes its tensors (None: `device`): the CPU for gloo
+            with stages on a GPU.
     """
 
     def __init__(self, stage_idx: int, num_stages: int, groups: list[tuple], shape: Sequence[int],
                  dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                  link: LinkModel = LinkModel(), timeout_s: Optional[float] = None,
-                 activation_codec=None, gradient_codec=None):
+                 activation_codec=None, gradient_codec=None, wire_device: Optional[torch.device] = None):
         self.activation_codec, self.gradient_codec = activation_codec, gradient_codec
+        self.wire_device = wire_device
         if len(groups) != num_stages - 1:
             raise ValueError(f"groups: got {len(groups)} links for {num_stages} stages")
         self.stage_idx, self.num_stages = stage_idx, num_stages
@@ -351,15 +365,17 @@ class Transport:
         if k > 0:
             fwd, bwd = self.groups[k - 1]
             self.from_prev = Receiver(fwd, k - 1, k, k - 1, keys_from_prev, self.shape, self.dtype,
-                                      self.device, window, self.timeout_s, self.activation_codec)
+                                      self.device, window, self.timeout_s, self.activation_codec,
+                                      self.wire_device)
             self.to_prev = Sender(bwd, k - 1, k, k - 1, self.link, self.timeout_s, max_pending,
-                                  self.gradient_codec)
+                                  self.gradient_codec, self.wire_device)
         if k < K - 1:
             fwd, bwd = self.groups[k]
             self.from_next = Receiver(bwd, k + 1, k, k + 1, keys_from_next, self.shape, self.dtype,
-                                      self.device, window, self.timeout_s, self.gradient_codec)
+                                      self.device, window, self.timeout_s, self.gradient_codec,
+                                      self.wire_device)
             self.to_next = Sender(fwd, k + 1, k, k + 1, self.link, self.timeout_s, max_pending,
-                                  self.activation_codec)
+                                  self.activation_codec, self.wire_device)
 
     def refill(self) -> None:
         """Keep `window` receives posted on both incoming channels."""

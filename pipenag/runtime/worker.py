@@ -81,12 +81,24 @@ class DistEnv:
 
 
 def backend_and_device(cfg: Config, local_rank: int) -> tuple[str, torch.device]:
-    """dist.backend ("" = nccl when CUDA is there, else gloo) and this process's device."""
+    """dist.backend ("" = nccl when CUDA is there, else gloo) and this process's device.
+
+    gloo computes on the CPU, unless run.device is "cuda": then the stages compute on the GPUs
+    (local rank modulo their number, so that K processes can share one GPU) and every message
+    travels through host memory (gloo's point-to-point sends take CPU tensors only)."""
     backend = cfg.dist.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ValueError("dist.backend='nccl' needs CUDA; use gloo on CPU")
         return backend, torch.device("cuda", local_rank)
+    if cfg.run.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device='cuda' with dist.backend='gloo': this torch has no CUDA device")
+        if cfg.dist.sync_executor == "torch":
+            raise ValueError("dist.sync_executor='torch' with dist.backend='gloo' and run.device='cuda': "
+                             "torch's schedules send the GPU tensors themselves, which gloo cannot; "
+                             "use dist.backend=nccl or pipenag's executor")
+        return backend, torch.device("cuda", local_rank % torch.cuda.device_count())
     return backend, torch.device("cpu")
 
 
@@ -208,6 +220,14 @@ class StageTraining:
         self.first, self.last = stage_idx == 0, stage_idx == K - 1
         self.schedule, self.stash = parts.resolved.schedule, parts.resolved.stash
         self.module = parts.stages[stage_idx].to(device)
+        if device.type != "cpu":
+            from pipenag.build import stage_optimizer
+
+            # Build the optimizer again over the moved parameters: its kernels (cuda_fused)
+            # follow their device, as in the simulator, which builds the stages there.
+            parts.optimizers[stage_idx] = stage_optimizer(
+                cfg.optim, parts.resolved.optimizer, self.module, stage_idx, K,
+                [parts.resolved.schedule.staleness(i) for i in range(K)])
         self.runner = parts.runner(stage_idx)
         self.rec = Recorder(cfg, parts, data, engine="dist", part=stage_part(stage_idx),
                             checkpoint_parts=[stage_part(i) for i in range(K)], writes_records=self.last,
@@ -327,7 +347,8 @@ def _run_executor(st: StageTraining, groups, backend: str):
         transport = Transport(k, K, groups, message_shape(cfg), torch.float32, st.device,
                               LinkModel.from_config(cfg.link.latency_ms, cfg.link.bandwidth_mbps),
                               timeout_s=cfg.dist.timeout_s if backend == "gloo" else None,
-                              activation_codec=act, gradient_codec=grad)
+                              activation_codec=act, gradient_codec=grad,
+                              wire_device=torch.device("cpu") if backend == "gloo" else st.device)
     # Without stashing a stage keeps no old versions in the runtime's order, and a checkpoint
     # must let a resumed run redo the forwards in flight: drain the pipeline at checkpoints.
     drains = st.rec.checkpoint_updates() if not st.stash else set()
