@@ -24,6 +24,7 @@ import torch
 from pipenag import atomic, faults
 from pipenag.checkpoint import CheckpointStore
 from pipenag.config import Config
+from pipenag.machine import machine_info
 from pipenag.metrics import (STRAGGLER_RATIO, MetricsWriter, Progress, TensorBoardWriter, check_tensorboard, dumps,
                              find_stragglers, strict_json)
 
@@ -366,6 +367,7 @@ class Recorder:
             "wall_time_s": round(self.elapsed(), 3),
             "engine": self.engine,
             "threads": torch.get_num_threads(),
+            "machine": machine_info(),
             "data_fingerprint": self.data.fingerprint,
             "num_params": self.parts.num_params,
             "vocab_size": self.parts.model_cfg.vocab_size,

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -67,16 +65,13 @@ class StageCosts:
 
 
 def machine_key() -> str:
-    """CPU model, core count, torch version: what the costs depend on besides the config."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__}"
+    """CPU model, family and kernel level, core count, torch version: what the costs depend on
+    besides the config (pipenag.machine.machine_info)."""
+    from pipenag.machine import machine_info
+
+    m = machine_info()
+    detail = ", ".join(str(v) for v in (m["cpu_id"], m["cpu_capability"]) if v)
+    return f"{m['cpu']}{f' ({detail})' if detail else ''}; {m['cores']} cores; torch {m['torch']}"
 
 
 def _cache_file(cfg: Config, threads: int) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,9 @@ def test_summary_has_throughput_and_memory(tiny_config, peak):
         assert t["peak_tflops"] is None and t["mfu"] is None  # a CPU: no known peak
     mem = saved["peak_memory"]
     assert mem["bytes"] > 0 and mem["source"] == "process peak RSS" and mem["stages"] == [0, 1, 2, 3]
+    # the machine the numbers came from: "AMD EPYC" alone does not tell a Zen 3 from a Zen 4
+    m = saved["machine"]
+    assert m["cpu"] and m["cores"] == os.cpu_count() and m["torch"] == torch.__version__
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cuda_device"] is None
+    if Path("/proc/cpuinfo").is_file():
+        assert " family " in m["cpu_id"]
