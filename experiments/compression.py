@@ -17,8 +17,14 @@ these methods to, docs/results/convergence.md) write runs/compression_<x>/:
 - k8m45: muon-wp at K = 8, none and int8, seeds 4 and 5 (the int8 cost of muon-wp is the
   smallest difference in the table, so it gets five pairs);
 - k8m4: muon-wp at K = 8 with int4-hadamard, activations only and both ways;
-- k32q4: pipedream and nesterov at K = 32 with int4-hadamard, activations only and both ways.
-Every compressed run is paired with the uncompressed run of the same method, K and seed.
+- k32q4: pipedream and nesterov at K = 32 with int4-hadamard, activations only and both ways;
+- k8mb, k32b: the uncompressed runs again on machine b (below): muon-wp at K = 8, pipedream
+  and nesterov at K = 32, for the 4-bit sweeps made there.
+The sweeps ran on two hosts that both call themselves "AMD EPYC" (MACHINE): a (check, k8,
+k8act, k32, k32n) and b (an AuthenticAMD family 25 model 1, AVX2; the rest). Their runs agree to
+about 6 digits at the first evaluation and then drift apart as runs on two CPUs do, so every
+compressed run is paired with the uncompressed run of the same method, K and seed made on the
+same machine.
 Compression needs no K = 1 control (one stage sends nothing), so the sweeps skip them. The data
 files go to docs/results/data/compression/<x>/.
 """
@@ -59,7 +65,10 @@ SWEEPS = {
     "k8m45": ([variant("muon-wp", c) for c in ("none", "int8")], "8", "4,5"),
     "k8m4": ([variant("muon-wp", c) for c in ("int4h-act", "int4h")], "8", "1,2,3"),
     "k32q4": ([variant(m, c) for c in ("int4h-act", "int4h") for m in METHODS[:2]], "32", "1,2,3"),
+    "k8mb": ([variant("muon-wp", "none")], "8", "1,2,3"),
+    "k32b": ([variant(m, "none") for m in METHODS[:2]], "32", "1,2,3"),
 }
+MACHINE = {name: "a" if name in ("check", "k8", "k8act", "k32", "k32n") else "b" for name in SWEEPS}
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
 
@@ -94,7 +103,7 @@ def table() -> list[str]:
     from pipenag.config import load_config
     from pipenag.link.messages import message_bytes
 
-    records = [r for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
+    records = machine_records()
     for K in (8, 32):
         for codec, (act, grad) in CODECS.items():
             if codec == "none":
@@ -113,10 +122,15 @@ def table() -> list[str]:
     return lines
 
 
+def machine_records() -> list[dict]:
+    """Every run of the sweeps but the check, with the machine its sweep ran on."""
+    return [dict(r, machine=MACHINE[name]) for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
+
+
 def per_seed() -> list[str]:
     """Per K, a table of the final validation loss of every run: a line per codec, a column per
-    method, the seeds in order."""
-    records = [r for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
+    method, the seeds in order, machine by machine."""
+    records = machine_records()
     lines = []
     for K in (8, 32):
         lines += ["", f"Final validation loss per seed, K = {K}:", "",
@@ -124,10 +138,14 @@ def per_seed() -> list[str]:
         for codec, (act, grad) in CODECS.items():
             cells = []
             for method in METHODS:
-                runs = sorted((r["seed"], r["val_loss"]) for r in records
-                              if r["method"] == variant(method, codec) and r["stages"] == K)
-                cells.append(" / ".join(f"{v:.4f}" for _, v in runs) + f" (seeds {','.join(str(s) for s, _ in runs)})"
-                             if runs else "not run")
+                parts = []
+                for machine in sorted(set(MACHINE.values())):
+                    runs = sorted((r["seed"], r["val_loss"]) for r in records if r["machine"] == machine
+                                  and r["method"] == variant(method, codec) and r["stages"] == K)
+                    if runs:
+                        parts.append(" / ".join(f"{v:.4f}" for _, v in runs)
+                                     + f" (seeds {','.join(str(s) for s, _ in runs)} on {machine})")
+                cells.append("; ".join(parts) or "not run")
             lines.append(f"| {act} / {grad} | " + " | ".join(cells) + " |")
     return lines
 

@@ -62,10 +62,12 @@ def read_runs(folder: Path) -> list[dict]:
 
 def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, float, float, float, float] | None:
     """(pairs, mean loss of base, mean loss of method, mean difference, its standard error) over
-    the seeds that both have at this K; None when no seed has both."""
-    losses = {(r["method"], r["stages"], r["seed"]): r["val_loss"] for r in records}
-    pairs = [(losses[(base, stages, s)], v) for (m, k, s), v in sorted(losses.items())
-             if m == method and k == stages and (base, stages, s) in losses]
+    the seeds that both have at this K on the same machine (a record's optional "machine"; runs
+    on two hosts differ in their last bits, and 2,000 updates make that a different run); None
+    when no seed has both."""
+    losses = {(r["method"], r["stages"], r["seed"], r.get("machine")): r["val_loss"] for r in records}
+    pairs = [(losses[(base, stages, s, m)], v) for (name, k, s, m), v in sorted(losses.items(), key=str)
+             if name == method and k == stages and (base, stages, s, m) in losses]
     if not pairs:
         return None
     diffs = [v - b for b, v in pairs]
