@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paired_runs import collect, paired, read_runs, write_data
+from paired_runs import collect, paired, read_runs, unpaired, write_data
 
 from pipenag.sweep_report import read_data
 
@@ -110,21 +110,28 @@ def table() -> list[str]:
                 continue
             for method in METHODS:
                 stats = paired(records, variant(method, codec), variant(method, "none"), K)
-                if stats is None:
-                    continue
-                n, loss_none, loss_codec, diff, se = stats
+                if stats is not None:
+                    n, loss_none, loss_codec, diff, se = stats
+                    seeds, estimate = f"{n}", f"{diff:+.4f} +- {se:.4f}"
+                else:  # the two arms ran on different machines: no seed pairs
+                    stats = unpaired(records, variant(method, codec), variant(method, "none"), K)
+                    if stats is None:
+                        continue
+                    n_none, n, loss_none, loss_codec, diff, se = stats
+                    seeds, estimate = f"{n_none} / {n}", f"{diff:+.4f} +- {se:.4f} (unpaired, across machines)"
                 cfg = load_config("configs/bench.toml", [f"--link.compress_activations={act}",
                                                           f"--link.compress_gradients={grad}"])
                 sizes = (f"{message_bytes(cfg, 'activation'):,} / {message_bytes(cfg, 'gradient'):,} of "
                          f"{message_bytes(cfg):,}")
-                lines.append(f"| {method} | {K} | {act} / {grad} | {sizes} | {n} | {loss_none:.4f} | "
-                             f"{loss_codec:.4f} | {diff:+.4f} +- {se:.4f} |")
+                lines.append(f"| {method} | {K} | {act} / {grad} | {sizes} | {seeds} | {loss_none:.4f} | "
+                             f"{loss_codec:.4f} | {estimate} |")
     return lines
 
 
 def machine_records() -> list[dict]:
     """Every run of the sweeps but the check, with the machine its sweep ran on."""
-    return [dict(r, machine=MACHINE[name]) for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
+    return [dict(r, machine=r.get("machine") or MACHINE[name]) for name in SWEEPS if name != "check"
+            for r in read_runs(DATA / name)]
 
 
 def per_seed() -> list[str]:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 def collect(out: Path, methods: list[str]) -> list[dict]:
     """The finished runs of the sweep in folder `out` (`pipenag sweep --out`), read from their run
-    folders (summary.json and metrics.jsonl): method label, K, seed, final validation loss, and
-    the curve."""
+    folders (summary.json and metrics.jsonl): method label, K, seed, final validation loss, the
+    machine (machine_key of summary.json's `machine`; "" for runs made before it was recorded),
+    and the curve."""
     from pipenag.compare import folder_name
     from pipenag.metrics import read_metrics
 
@@ -29,8 +30,17 @@ def collect(out: Path, methods: list[str]) -> list[dict]:
                  for r in read_metrics(folder) if r.get("val_loss") is not None]
         runs.append({"method": label, "stages": int(folder.parents[1].name[1:]), "seed": int(folder.parent.name[4:]),
                      "val_loss": summary["val_loss"], "updates": summary["updates"], "tokens": summary["tokens"],
-                     "wall_time_s": summary["wall_time_s"], "curve": curve})
+                     "wall_time_s": summary["wall_time_s"], "machine": machine_key(summary.get("machine")),
+                     "curve": curve})
     return runs
+
+
+def machine_key(info: dict | None) -> str:
+    """A short name for the machine of summary.json's `machine`: "cpu_id cpu_capability"
+    (for example "AuthenticAMD family 25 model 1 stepping 1 AVX2"); "" when unknown."""
+    if not info:
+        return ""
+    return " ".join(str(info.get(k)) for k in ("cpu_id", "cpu_capability") if info.get(k))
 
 
 def write_data(folder: Path, runs: list[dict]) -> None:
@@ -38,10 +48,10 @@ def write_data(folder: Path, runs: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s"])
+        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s", "machine"])
         for r in runs:
             w.writerow([r["method"], r["stages"], r["seed"], repr(r["val_loss"]), r["updates"], r["tokens"],
-                        r["wall_time_s"]])
+                        r["wall_time_s"], r.get("machine", "")])
     with open(folder / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
@@ -51,13 +61,15 @@ def write_data(folder: Path, runs: list[dict]) -> None:
 
 
 def read_runs(folder: Path) -> list[dict]:
-    """The runs of folder/runs.csv (none when the sweep has not written it yet)."""
+    """The runs of folder/runs.csv (none when the sweep has not written it yet), with their
+    machine when the file names it (files written before it did have no machine column)."""
     path = folder / "runs.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
-                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(f)]
+                 "val_loss": float(r["val_loss"]), **({"machine": r["machine"]} if r.get("machine") else {})}
+                for r in csv.DictReader(f)]
 
 
 def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, float, float, float, float] | None:
@@ -74,3 +86,17 @@ def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[in
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     return (len(pairs), statistics.fmean(b for b, _ in pairs), statistics.fmean(v for _, v in pairs),
             statistics.fmean(diffs), se)
+
+
+def unpaired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, int, float, float, float, float] | None:
+    """(runs of base, runs of method, their mean losses, the difference of the means, and its
+    unpaired standard error, sqrt(s_base^2 / n_base + s_method^2 / n_method)) at this K, over
+    every machine: the estimate for two arms that were run on different machines, so that no
+    seed pairs; None when either arm has fewer than two runs."""
+    base_losses = [r["val_loss"] for r in records if r["method"] == base and r["stages"] == stages]
+    losses = [r["val_loss"] for r in records if r["method"] == method and r["stages"] == stages]
+    if len(base_losses) < 2 or len(losses) < 2:
+        return None
+    se = math.sqrt(statistics.variance(base_losses) / len(base_losses) + statistics.variance(losses) / len(losses))
+    mean_base, mean = statistics.fmean(base_losses), statistics.fmean(losses)
+    return len(base_losses), len(losses), mean_base, mean, mean - mean_base, se

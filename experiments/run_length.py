@@ -1,0 +1,104 @@
+"""The delay penalty against run length (issue 19): the same methods at K = 8 and their K = 1
+controls, trained for 2,000 and for 8,000 microbatches on the benchmark regime
+(configs/bench.toml), from the repository root.
+
+    python experiments/run_length.py --run     # the sweeps (resumable), then the table
+    python experiments/run_length.py           # the table of the runs finished so far
+
+The sweeps (`pipenag sweep`, lr 3e-3: the lr the convergence benchmark tuned pipedream,
+nesterov and muon-wp to at 2,000 microbatches, not tuned again for the longer runs) write
+runs/run_length_<x>/, with the cosine schedule and its warm-up (optim.warmup_fraction) scaled to
+the length:
+- 2k: pipedream, nesterov and muon-wp at K = 8 and K = 1, 2,000 microbatches, seed 1;
+- 8k: the same, 8,000 microbatches (evaluated every 320), seed 1;
+- 2k23, 8k23: the same for seeds 2 and 3.
+The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
+seed and length). Both lengths run on the same machine: runs on two CPUs differ
+(docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from paired_runs import collect, read_runs, write_data
+
+METHODS = ["pipedream", "nesterov", "muon-wp"]
+LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
+SWEEPS = {"2k": ("2k", "1"), "8k": ("8k", "1"), "2k23": ("2k", "2,3"), "8k23": ("8k", "2,3")}
+DATA = Path("docs/results/data/run_length")
+
+
+def command(name: str, jobs: int) -> list[str]:
+    length, seeds = SWEEPS[name]
+    budget, every = LENGTH[length]
+    return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(METHODS),
+            "--stages", "8", "--seeds", seeds, "--lrs", "3e-3", "--jobs", str(jobs), "--out", f"runs/run_length_{name}",
+            f"--train.microbatch_budget={budget}", f"--train.eval_every={every}", f"--train.log_every={every * 5}"]
+
+
+def penalties(records: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+    """(method, length) -> [(seed, loss at K = 8, delay penalty)] for every seed with both runs."""
+    loss = {(r["method"], r["length"], r["stages"], r["seed"]): r["val_loss"] for r in records}
+    out: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for (method, length, stages, seed), value in sorted(loss.items()):
+        control = loss.get((method, length, 1, seed))
+        if stages == 8 and control is not None:
+            out.setdefault((method, length), []).append((seed, value, value - control))
+    return out
+
+
+def mean_se(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.4f}"
+    return f"{statistics.fmean(values):+.4f} +- {statistics.stdev(values) / math.sqrt(len(values)):.4f}"
+
+
+def table(records: list[dict]) -> list[str]:
+    pens = penalties(records)
+    lines = ["| method | microbatches | seeds | loss K = 1 | loss K = 8 | delay penalty (mean +- s.e.) |",
+             "|---|---|---|---|---|---|"]
+    for method in METHODS:
+        for length in LENGTH:
+            rows = pens.get((method, length))
+            if rows:
+                seeds = ",".join(str(s) for s, _, _ in rows)
+                k8 = statistics.fmean(v for _, v, _ in rows)
+                k1 = statistics.fmean(v - p for _, v, p in rows)
+                lines.append(f"| {method} | {LENGTH[length][0]:,} | {seeds} | {k1:.4f} | {k8:.4f} | "
+                             f"{mean_se([p for _, _, p in rows])} |")
+    lines += ["", "| method | seed | penalty at 2,000 | penalty at 8,000 | ratio 8k / 2k |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        short = {s: p for s, _, p in pens.get((method, "2k"), [])}
+        for seed, _, p in pens.get((method, "8k"), []):
+            if seed in short:
+                lines.append(f"| {method} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {p / short[seed]:.2f} |")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    for name in args.sweeps.split(","):
+        if name not in SWEEPS:
+            raise SystemExit(f"error: no sweep {name!r}; the sweeps are {', '.join(SWEEPS)}")
+        if args.run:
+            subprocess.run(command(name, args.jobs), check=True)
+        runs = collect(Path(f"runs/run_length_{name}"), METHODS)
+        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
+            write_data(DATA / name, runs)
+    records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
+    print("\n".join(table(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

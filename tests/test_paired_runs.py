@@ -1,0 +1,56 @@
+"""The statistics of the paired experiments (experiments/paired_runs.py): the numbers of
+docs/results/compression.md and the corrections table come from these functions."""
+
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from paired_runs import machine_key, paired, read_runs, unpaired, write_data  # noqa: E402
+
+
+def rec(method, seed, loss, machine=None, stages=8):
+    r = {"method": method, "stages": stages, "seed": seed, "val_loss": loss}
+    if machine is not None:
+        r["machine"] = machine
+    return r
+
+
+def test_paired_difference_and_its_standard_error_by_hand():
+    records = [rec("base", 1, 2.0), rec("base", 2, 2.5), rec("base", 3, 3.0),
+               rec("m", 1, 2.1), rec("m", 2, 2.3), rec("m", 3, 3.3), rec("m", 4, 9.0)]  # seed 4: no pair
+    n, loss_base, loss_m, diff, se = paired(records, "m", "base", 8)
+    diffs = [0.1, -0.2, 0.3]
+    assert n == 3
+    assert loss_base == pytest.approx(2.5) and loss_m == pytest.approx((2.1 + 2.3 + 3.3) / 3)
+    assert diff == pytest.approx(statistics.fmean(diffs))
+    assert se == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    assert paired(records, "m", "base", 32) is None
+
+
+def test_pairs_only_within_a_machine_and_unpaired_across():
+    records = [rec("base", 1, 2.0, "a"), rec("base", 2, 2.4, "a"), rec("m", 1, 2.2, "b"), rec("m", 2, 2.8, "b")]
+    assert paired(records, "m", "base", 8) is None
+    n_base, n, mean_base, mean, diff, se = unpaired(records, "m", "base", 8)
+    assert (n_base, n) == (2, 2)
+    assert diff == pytest.approx(2.5 - 2.2)
+    assert se == pytest.approx(math.sqrt(0.08 / 2 + 0.18 / 2))
+    assert unpaired(records[:3], "m", "base", 8) is None  # one run of m: no spread
+
+
+def test_data_files_round_trip_with_and_without_machine(tmp_path):
+    runs = [{"method": "m", "stages": 8, "seed": 1, "val_loss": 2.123456789012345, "updates": 10, "tokens": 640,
+             "wall_time_s": 1.0, "machine": "X family 1 AVX2", "curve": [{"step": 8, "tokens": 64, "val_loss": 3.0}]},
+            {"method": "m", "stages": 8, "seed": 2, "val_loss": 2.0, "updates": 10, "tokens": 640,
+             "wall_time_s": 1.0, "curve": []}]
+    write_data(tmp_path, runs)
+    back = read_runs(tmp_path)
+    assert back[0] == {"method": "m", "stages": 8, "seed": 1, "val_loss": 2.123456789012345, "machine": "X family 1 AVX2"}
+    assert "machine" not in back[1]
+    assert read_runs(tmp_path / "missing") == []
+    assert machine_key(None) == ""
+    assert machine_key({"cpu_id": "AuthenticAMD family 26 model 2 stepping 1", "cpu_capability": "AVX512"}) == \
+        "AuthenticAMD family 26 model 2 stepping 1 AVX512"
