@@ -19,12 +19,15 @@ these methods to, docs/results/convergence.md) write runs/compression_<x>/:
 - k8m4: muon-wp at K = 8 with int4-hadamard, activations only and both ways;
 - k32q4: pipedream and nesterov at K = 32 with int4-hadamard, activations only and both ways;
 - k8mb, k32b: the uncompressed runs again on machine b (below): muon-wp at K = 8, pipedream
-  and nesterov at K = 32, for the 4-bit sweeps made there.
-The sweeps ran on two hosts that both call themselves "AMD EPYC" (MACHINE): a (check, k8,
-k8act, k32, k32n) and b (an AuthenticAMD family 25 model 1, AVX2; the rest). Their runs agree to
-about 6 digits at the first evaluation and then drift apart as runs on two CPUs do, so every
-compressed run is paired with the uncompressed run of the same method, K and seed made on the
-same machine.
+  and nesterov at K = 32, for the 4-bit sweeps made there;
+- k8m4a, k32q4a: the 4-bit sweeps k8m4 and k32q4 again on machine a, whose uncompressed runs
+  they pair with.
+The sweeps ran on two hosts that both call themselves "AMD EPYC" (MACHINE, MACHINE_NAMES): a
+(AuthenticAMD family 26 model 2, AVX-512: check, k8, k8act, k32, k32n, k8m4a, k32q4a) and b
+(family 25 model 1, AVX2: k32m, k8m45, k8m4, k32q4). Their runs agree to about 6 digits at the
+first evaluation and then drift apart as runs on two CPUs do, so every compressed run is paired
+with the uncompressed run of the same method, K and seed made on the same machine; where no
+such run exists the table gives the unpaired difference of the means, and says so.
 Compression needs no K = 1 control (one stage sends nothing), so the sweeps skip them. The data
 files go to docs/results/data/compression/<x>/.
 """
@@ -67,8 +70,18 @@ SWEEPS = {
     "k32q4": ([variant(m, c) for c in ("int4h-act", "int4h") for m in METHODS[:2]], "32", "1,2,3"),
     "k8mb": ([variant("muon-wp", "none")], "8", "1,2,3"),
     "k32b": ([variant(m, "none") for m in METHODS[:2]], "32", "1,2,3"),
+    "k8m4a": ([variant("muon-wp", c) for c in ("int4h-act", "int4h")], "8", "1,2,3"),
+    "k32q4a": ([variant(m, c) for c in ("int4h-act", "int4h") for m in METHODS[:2]], "32", "1,2,3"),
 }
+# The machine of the sweeps whose data files do not name it (written before runs recorded it).
 MACHINE = {name: "a" if name in ("check", "k8", "k8act", "k32", "k32n") else "b" for name in SWEEPS}
+# The names of the machines that the data files name (paired_runs.machine_key), by prefix.
+MACHINE_NAMES = {"AuthenticAMD family 26 model 2 ": "a", "AuthenticAMD family 25 model 1 ": "b"}
+
+
+def machine_name(key: str) -> str:
+    """a or b for the two hosts of these sweeps; the key itself for any other machine."""
+    return next((name for prefix, name in MACHINE_NAMES.items() if key.startswith(prefix)), key)
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
 
@@ -130,8 +143,8 @@ def table() -> list[str]:
 
 def machine_records() -> list[dict]:
     """Every run of the sweeps but the check, with the machine its sweep ran on."""
-    return [dict(r, machine=r.get("machine") or MACHINE[name]) for name in SWEEPS if name != "check"
-            for r in read_runs(DATA / name)]
+    return [dict(r, machine=machine_name(r["machine"]) if r.get("machine") else MACHINE[name])
+            for name in SWEEPS if name != "check" for r in read_runs(DATA / name)]
 
 
 def per_seed() -> list[str]:
