@@ -138,8 +138,13 @@ def seconds_per_microbatch(method: str, schedule: str, K: int, M: int, link: tup
 # -- losses ---------------------------------------------------------------------------------------
 
 
+IDENT = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
+
+
 def collect(runs_root: Path) -> None:
-    """Copy the finished loss runs under runs_root/sl_k8 and runs_root/sl_sync into DATA."""
+    """Add the finished loss runs under runs_root/sl_k8, sl_sync and sl_k8_long to DATA's files:
+    a run replaces the data of the same run (IDENT) already there, and the rest are kept (their
+    run folders may be gone: they were made in other sessions)."""
     from pipenag.metrics import read_metrics
 
     rows, curves = [], []
@@ -164,13 +169,21 @@ def collect(runs_root: Path) -> None:
                     curves.append({**{k: row[k] for k in ("method", "stages", "M", "in_flight", "codec", "seed", "lr")},
                                    "budget": row["budget"],
                                    "tokens": r["tokens"], "val_loss": r["val_loss"]})
+    new = {tuple(str(r[k]) for k in IDENT) for r in rows}
+    kept = 0
+    if (DATA / "runs.csv").is_file():
+        for file, data in (("runs.csv", rows), ("curves.csv", curves)):
+            with open(DATA / file, newline="") as f:
+                old = [r for r in csv.DictReader(f) if tuple(r[k] for k in IDENT) not in new]
+            data[:0] = old
+            kept = kept or len(old)
     DATA.mkdir(parents=True, exist_ok=True)
     for file, data in (("runs.csv", rows), ("curves.csv", curves)):
         with open(DATA / file, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(data[0]))
             w.writeheader()
             w.writerows(data)
-    print(f"{len(rows)} runs -> {DATA}")
+    print(f"{len(rows) - kept} runs added, {kept} kept -> {DATA}")
 
 
 def read_losses() -> list[dict]:
@@ -190,9 +203,8 @@ def read_losses() -> list[dict]:
     if (DATA / "runs.csv").is_file():
         curves = read(DATA / "curves.csv")
         for r in read(DATA / "runs.csv"):
-            ident = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
             key = (r["method"], int(r["stages"]), int(r["M"]), r["in_flight"], r["codec"], float(r["lr"]), int(r["tokens"]))
-            add(key, int(r["seed"]), float(r["val_loss"]), [c for c in curves if all(c[k] == r[k] for k in ident)])
+            add(key, int(r["seed"]), float(r["val_loss"]), [c for c in curves if all(c[k] == r[k] for k in IDENT)])
     comp = Path("docs/results/data/compression/k8")
     if comp.is_dir():
         curves = read(comp / "curves.csv")
