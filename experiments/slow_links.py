@@ -142,13 +142,13 @@ IDENT = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
 
 
 def collect(runs_root: Path) -> None:
-    """Add the finished loss runs under runs_root/sl_k8, sl_sync and sl_k8_long to DATA's files:
+    """Add the finished loss runs under runs_root/sl_k8, sl_sync, sl_k8_long and sl_k4none to DATA's files:
     a run replaces the data of the same run (IDENT) already there, and the rest are kept (their
     run folders may be gone: they were made in other sessions)."""
     from pipenag.metrics import read_metrics
 
     rows, curves = [], []
-    for name in ("sl_k8", "sl_sync", "sl_k8_long"):
+    for name in ("sl_k8", "sl_sync", "sl_k8_long", "sl_k4none"):
         for path in sorted((runs_root / name / "runs").glob("**/summary.json")):
             folder = path.parent
             summary = json.loads(path.read_text())
