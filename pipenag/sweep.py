@@ -338,6 +338,24 @@ def default_jobs(cfg: Config) -> int:
     return os.cpu_count() or 1
 
 
+# `train`'s shortcuts that mean something else in a sweep, and what to write instead. (--method,
+# --seed and --stage are argparse abbreviations of --methods, --seeds and --stages, and work.)
+TRAIN_SHORTCUTS = {
+    "--steps": "a sweep compares methods at equal tokens: give its budget in microbatches, "
+               "--train.microbatch_budget=N (the same key means the same run in train and compare)",
+    "--engine": "a sweep trains every run with the simulator (train.engine = \"sim\"); the runtime "
+                "gives the same numbers (docs/dist.md)",
+}
+
+
+def refuse_train_shortcuts(rest: list[str]) -> None:
+    """A ValueError naming a `train` shortcut that `sweep` does not take, with what to write."""
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if flag in TRAIN_SHORTCUTS:
+            raise ValueError(f"{flag} is a shortcut of `pipenag train`, not of sweep: {TRAIN_SHORTCUTS[flag]}")
+
+
 def sweep_main(argv: list[str]) -> int:
     """Entry point of `pipenag sweep`; returns the exit status."""
     from pipenag.sweep_report import report_from_data, write_report
@@ -358,6 +376,7 @@ def sweep_main(argv: list[str]) -> int:
     if not args.methods:
         parser.error("--methods is required (unless --report-from)")
     try:
+        refuse_train_shortcuts(rest)
         cfg = config_from_args(args, rest)
         args.out = args.out or "runs/sweep"
         sweep = build_sweep(args, cfg)

@@ -208,6 +208,9 @@ def test_crossing_interpolates_and_reports_not_reached():
     (["--methods", "gpipe", "--tune-lr"], "--tune-lr needs at least two learning rates"),
     (["--methods", "pipedream", "--stages", "1,8"], "cannot split 4 blocks into 8 stages"),
     (["--methods", "gpipe", "--grid", "optim.lr"], "expected section.key=v1,v2"),
+    (["--methods", "gpipe", "--steps", "5"], "--steps is a shortcut of `pipenag train`, not of sweep: "
+                                             "a sweep compares methods at equal tokens"),
+    (["--methods", "gpipe", "--engine=dist"], "--engine is a shortcut of `pipenag train`"),
 ])
 def test_bad_sweeps_fail_before_any_run(tmp_path, capsys, extra, message):
     assert cli_main(["sweep", "--config", TINY, "--out", str(tmp_path / "s"), *extra]) == 2
