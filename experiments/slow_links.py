@@ -30,6 +30,15 @@ The loss runs (made from a clone of this repository, their run folders under RUN
         --grid "pipeline.in_flight=22,19,16,13,10,7,4,1" --out RUNS/sl_k8        (and the others of QUEUE)
     pipenag sweep --config $S --methods gpipe:pipeline.num_microbatches=8 --stages 1 --seeds 1 --lrs 3e-3 \\
         --out RUNS/sl_sync                                                            (and the others)
+    # K = 4 at the depths of the three links, and without a link at the default depths
+    pipenag sweep --config $S --methods pipedream:$I8,nesterov:$I8,muon-wp:$I8 --stages 4 --seeds 1 \\
+        --lrs 3e-3 --no-k1-controls --grid "pipeline.in_flight=7,5,3,1;10,7,4,1;22,15,8,1" --out RUNS/sl_k8
+    pipenag sweep --config $S --methods pipedream,nesterov,muon-wp --stages 4 --seeds 1 --lrs 3e-3 \\
+        --no-k1-controls --out RUNS/sl_k4none
+    # 4x the budget at K = 8 on 100 Mbit/s, 30 ms (rows of their own: "..., 8,000 microbatches")
+    pipenag sweep --config $S --methods nesterov:$I8,muon-wp:$I8 --stages 8 --seeds 1 --lrs 3e-3 \\
+        --no-k1-controls --grid "pipeline.in_flight=22,19,16,13,10,7,4,1" --train.microbatch_budget=8000 \\
+        --train.eval_every=160 --out RUNS/sl_k8_long
 """
 
 from __future__ import annotations
