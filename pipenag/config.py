@@ -52,7 +52,7 @@ def _choices(typ) -> tuple:
 # and pipenag.methods / pipenag.optim.factory check at import that they define exactly these.
 MethodName = Literal["gpipe", "1f1b", "pipedream", "2bw", "pipedream-lr", "pipemare", "nesterov",
                      "nesterov-nows", "nesterov-sgd", "basis-rotation", "muon", "pipedream-wp", "muon-wp",
-                     "pipedream-ef", "muon-ef", "2bw-muon-ef", "pipedream-dc", "zb-h1", "gpipe-muon"]
+                     "pipedream-ef", "muon-ef", "muon-wp-ef", "2bw-muon-ef", "pipedream-dc", "zb-h1", "gpipe-muon"]
 OptimizerName = Literal["", "adamw", "nesterov", "nesterov-nows", "nesterov-sgd", "sgd", "basis-rotation", "muon",
                         "adamw-ef", "muon-ef"]
 ScheduleName = Literal["gpipe", "1f1b", "pipedream", "2bw", "zb-h1"]

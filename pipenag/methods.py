@@ -62,6 +62,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "pipedream + error feedback on AdamW's update, c = optim.ef_scale (arXiv 2606.30634)"),
     Method("muon-ef", "pipedream", True, "muon-ef", False, False, ("pipedream", "2bw"),
            "muon + error feedback on the update, c = optim.ef_scale (arXiv 2606.30634)"),
+    Method("muon-wp-ef", "pipedream", True, "muon-ef", False, False, ("pipedream", "2bw"),
+           "muon-wp + error feedback: forward weight prediction and error feedback on Muon's update",
+           predict_forward=True),
     Method("2bw-muon-ef", "2bw", True, "muon-ef", False, False, ("2bw",),
            "PipeDream-2BW with Muon and error feedback (arXiv 2606.30634)"),
     # Delay compensation, g + lambda g * g (w_now - w_stale) (Zheng et al., "Asynchronous

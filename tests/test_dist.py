@@ -59,6 +59,7 @@ CASES = [
     # Forward weight prediction reads two stored versions; checkpoints with forwards in flight.
     ("pipedream-wp", 3, ("--train.checkpoint_every=2",)),
     ("muon-wp", 2, ()),
+    ("muon-wp-ef", 3, ("--train.checkpoint_every=2",)),
     ("basis-rotation", 3, ()),
 ]
 

@@ -283,6 +283,7 @@ def simulate(cfg, num_updates=4, seed=0):
 # At K = 1 error feedback still changes the update (it is not a delay correction), so the
 # method is not its base at one stage; what holds is that c = 0 is the base method.
 @pytest.mark.parametrize("method, base, extra", [("pipedream-ef", "pipedream", []), ("muon-ef", "muon", []),
+                                                 ("muon-wp-ef", "muon-wp", []),
                                                  ("2bw-muon-ef", "muon", ["--pipeline.schedule=2bw"])])
 def test_c_zero_is_the_base_method_bit_for_bit(method, base, extra):
     lr = ["--optim.lr=1e-2"]

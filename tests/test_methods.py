@@ -48,6 +48,7 @@ EXPECTED = {
     "muon-wp": ("pipedream", True, "muon", 1, False, False, True),
     "pipedream-ef": ("pipedream", True, "adamw-ef", 1, False, False, False),
     "muon-ef": ("pipedream", True, "muon-ef", 1, False, False, False),
+    "muon-wp-ef": ("pipedream", True, "muon-ef", 1, False, False, True),
     "2bw-muon-ef": ("2bw", True, "muon-ef", 4, False, False, False),
     "pipedream-dc": ("pipedream", True, "adamw", 1, False, False, False),
 }
