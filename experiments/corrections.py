@@ -10,7 +10,10 @@ runs/corrections_<x>/:
 - k8: at K = 8, pipedream and its corrections pipedream-ef (error feedback on AdamW's update,
   c = 1) and pipedream-dc (DC-ASGD, lambda = 0.04), muon and muon-ef (c = 1);
 - k32m: muon and muon-ef at K = 32;
-- k32: pipedream, pipedream-ef and pipedream-dc at K = 32.
+- k32: pipedream, pipedream-ef and pipedream-dc at K = 32;
+- k8w: muon-wp-ef (forward weight prediction and error feedback) at K = 8, paired with the
+  muon-wp runs of compression.py's sweep k8, made on the same machine;
+- k32w: muon-wp and muon-wp-ef at K = 32.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. No K = 1 controls: the
@@ -27,13 +30,25 @@ from pathlib import Path
 
 from paired_runs import collect, paired, read_runs, write_data
 
-BASE = {"pipedream-ef": "pipedream", "pipedream-dc": "pipedream", "muon-ef": "muon"}
+BASE = {"pipedream-ef": "pipedream", "pipedream-dc": "pipedream", "muon-ef": "muon", "muon-wp-ef": "muon-wp"}
 SWEEPS = {
     "k8": (["pipedream", "pipedream-ef", "pipedream-dc", "muon", "muon-ef"], "8", "1,2,3"),
     "k32m": (["muon", "muon-ef"], "32", "1,2,3"),
     "k32": (["pipedream", "pipedream-ef", "pipedream-dc"], "32", "1,2,3"),
+    "k8w": (["muon-wp-ef"], "8", "1,2,3"),
+    "k32w": (["muon-wp", "muon-wp-ef"], "32", "1,2,3"),
 }
 DATA = Path("docs/results/data/corrections")
+# muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
+# same machine ("a") as its uncompressed variant, which is muon-wp bit for bit
+# (tests/test_compression.py).
+COMPRESSION_K8 = Path("docs/results/data/compression/k8")
+MACHINE_A = "AuthenticAMD family 26 model 2 stepping 1 AVX512"
+
+
+def compression_muon_wp() -> list[dict]:
+    none = "muon-wp:link.compress_activations=none:link.compress_gradients=none"
+    return [dict(r, method="muon-wp", machine=MACHINE_A) for r in read_runs(COMPRESSION_K8) if r["method"] == none]
 
 
 def command(name: str, jobs: int) -> list[str]:
@@ -76,7 +91,7 @@ def main(argv: list[str]) -> int:
         runs = collect(Path(f"runs/corrections_{name}"), SWEEPS[name][0])
         if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
             write_data(DATA / name, runs)
-    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)])))
+    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)] + compression_muon_wp())))
     return 0
 
 
