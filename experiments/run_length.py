@@ -72,13 +72,40 @@ def table(records: list[dict]) -> list[str]:
                 k1 = statistics.fmean(v - p for _, v, p in rows)
                 lines.append(f"| {method} | {LENGTH[length][0]:,} | {seeds} | {k1:.4f} | {k8:.4f} | "
                              f"{mean_se([p for _, _, p in rows])} |")
-    lines += ["", "| method | seed | penalty at 2,000 | penalty at 8,000 | ratio 8k / 2k |", "|---|---|---|---|---|"]
+    lines += ["", "| method | seed | penalty at 2,000 | penalty at 8,000 | ratio 8k / 2k | exponent a in penalty ~ N^a |",
+              "|---|---|---|---|---|---|"]
     for method in METHODS:
         short = {s: p for s, _, p in pens.get((method, "2k"), [])}
         for seed, _, p in pens.get((method, "8k"), []):
             if seed in short:
-                lines.append(f"| {method} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {p / short[seed]:.2f} |")
+                ratio = p / short[seed]
+                exponent = f"{math.log(ratio) / math.log(4):+.2f}" if ratio > 0 else "n/a (sign change)"
+                lines.append(f"| {method} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {ratio:.2f} | {exponent} |")
     return lines
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """The delay penalty against the run's length, one line per method (seed means)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pens = penalties(records)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in METHODS:
+        points = [(LENGTH[length][0], statistics.fmean(p for _, _, p in pens[(method, length)]))
+                  for length in LENGTH if pens.get((method, length))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("run length (microbatches of 8 x 64 tokens)")
+    ax.set_ylabel("delay penalty at K = 8 (loss - K = 1 loss)")
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str]) -> int:
@@ -97,6 +124,8 @@ def main(argv: list[str]) -> int:
             write_data(DATA / name, runs)
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
     print("\n".join(table(records)))
+    if records:
+        plot(records, Path("docs/results/run_length.png"))
     return 0
 
 
