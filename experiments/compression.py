@@ -34,12 +34,10 @@ files go to docs/results/data/compression/<x>/.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-from paired_runs import collect, paired, read_runs, unpaired, write_data
+from paired_runs import paired, read_runs, run_sweeps, unpaired
 
 from pipenag.sweep_report import read_data
 
@@ -82,6 +80,8 @@ MACHINE_NAMES = {"AuthenticAMD family 26 model 2 ": "a", "AuthenticAMD family 25
 def machine_name(key: str) -> str:
     """a or b for the two hosts of these sweeps; the key itself for any other machine."""
     return next((name for prefix, name in MACHINE_NAMES.items() if key.startswith(prefix)), key)
+
+
 DATA = Path("docs/results/data/compression")
 CONVERGENCE = Path("docs/results/data/convergence")
 
@@ -171,17 +171,7 @@ def per_seed() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
-    parser.add_argument("--sweeps", default=",".join(SWEEPS))
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args(argv)
-    for name in args.sweeps.split(","):
-        if args.run:
-            subprocess.run(command(name, args.jobs), check=True)
-        runs = collect(Path(f"runs/compression_{name}"), SWEEPS[name][0])
-        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
-            write_data(DATA / name, runs)
+    run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "compression_", DATA)
     print("\n".join(table() + per_seed()))
     return 0
 

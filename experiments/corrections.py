@@ -23,12 +23,10 @@ docs/results/data/corrections/<x>/.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-from paired_runs import collect, paired, read_runs, write_data
+from paired_runs import paired, read_runs, run_sweeps
 
 BASE = {"pipedream-ef": "pipedream", "pipedream-dc": "pipedream", "muon-ef": "muon", "muon-wp-ef": "muon-wp"}
 SWEEPS = {
@@ -78,19 +76,7 @@ def table(records: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
-    parser.add_argument("--sweeps", default=",".join(SWEEPS))
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args(argv)
-    for name in args.sweeps.split(","):
-        if name not in SWEEPS:
-            raise SystemExit(f"error: no sweep {name!r}; the sweeps are {', '.join(SWEEPS)}")
-        if args.run:
-            subprocess.run(command(name, args.jobs), check=True)
-        runs = collect(Path(f"runs/corrections_{name}"), SWEEPS[name][0])
-        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
-            write_data(DATA / name, runs)
+    run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)] + compression_muon_wp())))
     return 0
 

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import statistics
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 
 def collect(out: Path, methods: list[str]) -> list[dict]:
@@ -100,3 +103,24 @@ def unpaired(records: list[dict], method: str, base: str, stages: int) -> tuple[
     se = math.sqrt(statistics.variance(base_losses) / len(base_losses) + statistics.variance(losses) / len(losses))
     mean_base, mean = statistics.fmean(base_losses), statistics.fmean(losses)
     return len(base_losses), len(losses), mean_base, mean, mean - mean_base, se
+
+
+def run_sweeps(argv: list[str], description: str, sweeps: dict, command: Callable[[str, int], list[str]],
+               prefix: str, data: Path, methods: Callable[[str], list[str]] | None = None) -> None:
+    """The command line shared by the paired experiments: --run runs (or resumes) the named
+    sweeps (`command(name, jobs)`, folder runs/<prefix><name>); then the finished runs of each
+    go to data/<name>/, also those of a sweep still going or cut short. `methods(name)` gives a
+    sweep's method labels (default: the first item of its entry in `sweeps`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
+    parser.add_argument("--sweeps", default=",".join(sweeps))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    for name in args.sweeps.split(","):
+        if name not in sweeps:
+            raise SystemExit(f"error: no sweep {name!r}; the sweeps are {', '.join(sweeps)}")
+        if args.run:
+            subprocess.run(command(name, args.jobs), check=True)
+        runs = collect(Path(f"runs/{prefix}{name}"), methods(name) if methods else sweeps[name][0])
+        if runs:
+            write_data(data / name, runs)

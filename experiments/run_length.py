@@ -19,14 +19,12 @@ seed and length). Both lengths run on the same machine: runs on two CPUs differ
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from paired_runs import collect, read_runs, write_data
+from paired_runs import read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
@@ -109,19 +107,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
-    parser.add_argument("--sweeps", default=",".join(SWEEPS))
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args(argv)
-    for name in args.sweeps.split(","):
-        if name not in SWEEPS:
-            raise SystemExit(f"error: no sweep {name!r}; the sweeps are {', '.join(SWEEPS)}")
-        if args.run:
-            subprocess.run(command(name, args.jobs), check=True)
-        runs = collect(Path(f"runs/run_length_{name}"), METHODS)
-        if runs:  # the data of the runs finished so far (a sweep still going, or cut short)
-            write_data(DATA / name, runs)
+    run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: METHODS)
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
     print("\n".join(table(records)))
     if records:

@@ -178,21 +178,19 @@ def collect(runs_root: Path) -> None:
                     curves.append({**{k: row[k] for k in ("method", "stages", "M", "in_flight", "codec", "seed", "lr")},
                                    "budget": row["budget"],
                                    "tokens": r["tokens"], "val_loss": r["val_loss"]})
+    added = len(rows)
     new = {tuple(str(r[k]) for k in IDENT) for r in rows}
-    kept = 0
     if (DATA / "runs.csv").is_file():
         for file, data in (("runs.csv", rows), ("curves.csv", curves)):
             with open(DATA / file, newline="") as f:
-                old = [r for r in csv.DictReader(f) if tuple(r[k] for k in IDENT) not in new]
-            data[:0] = old
-            kept = kept or len(old)
+                data[:0] = [r for r in csv.DictReader(f) if tuple(r[k] for k in IDENT) not in new]
     DATA.mkdir(parents=True, exist_ok=True)
     for file, data in (("runs.csv", rows), ("curves.csv", curves)):
         with open(DATA / file, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(data[0]))
             w.writeheader()
             w.writerows(data)
-    print(f"{len(rows) - kept} runs added, {kept} kept -> {DATA}")
+    print(f"{added} runs added, {len(rows) - added} kept -> {DATA}")
 
 
 def read_losses() -> list[dict]:
