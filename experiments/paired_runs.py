@@ -32,18 +32,31 @@ def collect(out: Path, methods: list[str]) -> list[dict]:
         curve = [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"]}
                  for r in read_metrics(folder) if r.get("val_loss") is not None]
         runs.append({"method": label, "stages": int(folder.parents[1].name[1:]), "seed": int(folder.parent.name[4:]),
+                     "lr": float(folder.name[2:]),
                      "val_loss": summary["val_loss"], "updates": summary["updates"], "tokens": summary["tokens"],
                      "wall_time_s": summary["wall_time_s"], "machine": machine_key(summary.get("machine")),
                      "curve": curve})
     return runs
 
 
+# Hosts whose runs are the runs of another host, bit for bit, as checked by training the same
+# runs on both: key -> the key its runs are filed under, so that they pair.
+SAME_NUMERICS = {
+    # "machine c" (Zen 4): configs/bench.toml at K = 8, lr 3e-3, seed 1 gave machine a's final
+    # losses to every digit for pipedream (2.650104969739914), nesterov (2.4146053194999695) and
+    # muon-wp (1.950559251010418): AdamW, NAdam and Muon's bfloat16 Newton-Schulz alike.
+    "AuthenticAMD family 25 model 17 stepping 1 AVX512": "AuthenticAMD family 26 model 2 stepping 1 AVX512",
+}
+
+
 def machine_key(info: dict | None) -> str:
     """A short name for the machine of summary.json's `machine`: "cpu_id cpu_capability"
-    (for example "AuthenticAMD family 25 model 1 stepping 1 AVX2"); "" when unknown."""
+    (for example "AuthenticAMD family 25 model 1 stepping 1 AVX2"), or the key of the host
+    whose runs it reproduces (SAME_NUMERICS); "" when unknown."""
     if not info:
         return ""
-    return " ".join(str(info.get(k)) for k in ("cpu_id", "cpu_capability") if info.get(k))
+    key = " ".join(str(info.get(k)) for k in ("cpu_id", "cpu_capability") if info.get(k))
+    return SAME_NUMERICS.get(key, key)
 
 
 def write_data(folder: Path, runs: list[dict]) -> None:
@@ -51,10 +64,10 @@ def write_data(folder: Path, runs: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s", "machine"])
+        w.writerow(["method", "stages", "seed", "val_loss", "updates", "tokens", "wall_time_s", "machine", "lr"])
         for r in runs:
             w.writerow([r["method"], r["stages"], r["seed"], repr(r["val_loss"]), r["updates"], r["tokens"],
-                        r["wall_time_s"], r.get("machine", "")])
+                        r["wall_time_s"], r.get("machine", ""), r.get("lr", "")])
     with open(folder / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
@@ -65,13 +78,14 @@ def write_data(folder: Path, runs: list[dict]) -> None:
 
 def read_runs(folder: Path) -> list[dict]:
     """The runs of folder/runs.csv (none when the sweep has not written it yet), with their
-    machine when the file names it (files written before it did have no machine column)."""
+    machine and lr when the file names them (files written before did not)."""
     path = folder / "runs.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
-                 "val_loss": float(r["val_loss"]), **({"machine": r["machine"]} if r.get("machine") else {})}
+                 "val_loss": float(r["val_loss"]), **({"machine": r["machine"]} if r.get("machine") else {}),
+                 **({"lr": float(r["lr"])} if r.get("lr") else {})}
                 for r in csv.DictReader(f)]
 
 

@@ -17,12 +17,14 @@ cfg = load_config('configs/tiny.toml'); print(predict(cfg, calibrate(cfg)))"
   cores (as on a 2-core test machine): a stage computing while n stages compute runs at
   min(1, C / n) of its speed (processor sharing). With C >= K it equals
   pipenag.timing.simulate.
-- `measure_contention(n)`: how much slower one process computes while n processes compute on
-  this machine at once (one torch thread each). Cores that share caches, memory bandwidth or a
-  physical core (a VM's vCPUs) slow each other down even when there are as many as processes:
-  on the 2-vCPU test machine two processes ran 0.98x, 1.37x and 1.87x slower each in three
-  measurements (docs/results/time_model.md). Given to
-  simulate_shared / predict as `slowdown`, it replaces processor sharing's min(1, C / n).
+- `measure_contention(n, cfg)`: how much slower one process computes while n processes compute
+  on this machine at once (one torch thread each), each process running the forward, backward
+  and step of one of cfg's stages (the run's own process layout and work; without cfg, a fixed
+  matmul workload). Cores that share caches, memory bandwidth or a physical core (a VM's vCPUs)
+  slow each other down even when there are as many as processes: on one 2-vCPU test machine two
+  matmul processes ran 0.98x, 1.37x and 1.87x slower each in three measurements
+  (docs/results/time_model.md). Given to simulate_shared / predict as `slowdown`, it replaces
+  processor sharing's min(1, C / n).
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ from pipenag.config import Config
 from pipenag.schedules import Schedule
 from pipenag.timing import Event, Timeline, _per_stage, simulate
 
-CALIBRATION_VERSION = 2  # bump when what calibrate() measures changes (2: the codecs' encode/decode)
+CALIBRATION_VERSION = 3  # bump when what calibrate() measures changes (2: the codecs; 3: B and W of a split backward)
 
 
 @dataclass(frozen=True)
 class StageCosts:
     """Seconds per forward and per backward of one microbatch, and per optimizer step, of
-    every stage, with the machine and threads they were measured on."""
+    every stage, with the machine and threads they were measured on. With a split backward
+    (zb-h1), `backward` is the B pass (the input gradient) and `weight` the W pass (the weight
+    gradient), each as the executor runs it; otherwise `weight` is empty."""
 
     forward: tuple[float, ...]
     backward: tuple[float, ...]
@@ -58,6 +62,7 @@ class StageCosts:
     # receiving stage's compute thread: (activation, gradient); 0 without a codec.
     encode: tuple[float, float] = (0.0, 0.0)
     decode: tuple[float, float] = (0.0, 0.0)
+    weight: tuple[float, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -105,7 +110,8 @@ def calibrate(cfg: Config, threads: int = 0, repeats: int = 8, warmup: int = 3, 
     if cache and path.is_file():
         saved = json.loads(path.read_text())
         return StageCosts(tuple(saved["forward"]), tuple(saved["backward"]), tuple(saved["step"]),
-                          saved["threads"], saved["machine"], tuple(saved["encode"]), tuple(saved["decode"]))
+                          saved["threads"], saved["machine"], tuple(saved["encode"]), tuple(saved["decode"]),
+                          tuple(saved.get("weight", ())))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -113,7 +119,9 @@ def calibrate(cfg: Config, threads: int = 0, repeats: int = 8, warmup: int = 3, 
         encode, decode = measure_codecs(cfg, repeats, warmup)
     finally:
         torch.set_num_threads(before)
-    result = StageCosts(*costs, threads=threads, machine=machine_key(), encode=encode, decode=decode)
+    fwd, bwd, stp, wgt = costs
+    result = StageCosts(fwd, bwd, stp, threads=threads, machine=machine_key(), encode=encode, decode=decode,
+                        weight=wgt)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(result), indent=1) + "\n")
@@ -129,25 +137,36 @@ def _measure(cfg: Config, build_pipeline, repeats: int, warmup: int):
     K, M = parts.resolved.schedule.num_stages, parts.resolved.schedule.num_microbatches
     B, T, C = cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd
     g = torch.Generator().manual_seed(0)
-    fwd, bwd, stp = [], [], []
+    split = parts.resolved.schedule.splits_backward
+    fwd, bwd, stp, wgt = [], [], [], []
     for k in range(K):
         runner = parts.runner(k)
-        times = {"F": [], "B": [], "S": []}
+        times = {"F": [], "B": [], "W": [], "S": []}
         j = 0
         for rep in range(warmup + repeats):
+            first = j
             for _ in range(M):  # one update of M microbatches, in the simulator's order for a stage
                 x = (torch.randint(0, vocab, (B, T), generator=g) if k == 0
                      else torch.randn(B, T, C, generator=g))
                 y = torch.randint(0, vocab, (B, T), generator=g) if k == K - 1 else None
+                grad = None if k == K - 1 else torch.randn(B, T, C, generator=g)
                 t0 = time.perf_counter()
                 runner.forward(j, x, y)
                 t1 = time.perf_counter()
-                runner.backward(j, None if k == K - 1 else torch.randn(B, T, C, generator=g))
+                if split:  # zb-h1: the B pass now, the W passes after the update's last B (as the simulator)
+                    runner.backward_input(j, grad)
+                else:
+                    runner.backward(j, grad)
                 t2 = time.perf_counter()
                 if rep >= warmup:
                     times["F"].append(t1 - t0)
                     times["B"].append(t2 - t1)
                 j += 1
+            for mb in range(first, j) if split else ():
+                t0 = time.perf_counter()
+                runner.backward_weight(mb)
+                if rep >= warmup:
+                    times["W"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             runner.step()
             if rep >= warmup:
@@ -155,7 +174,9 @@ def _measure(cfg: Config, build_pipeline, repeats: int, warmup: int):
         fwd.append(statistics.median(times["F"]))
         bwd.append(statistics.median(times["B"]))
         stp.append(statistics.median(times["S"]))
-    return tuple(fwd), tuple(bwd), tuple(stp)
+        if split:
+            wgt.append(statistics.median(times["W"]))
+    return tuple(fwd), tuple(bwd), tuple(stp), tuple(wgt)
 
 
 def measure_codecs(cfg: Config, repeats: int = 8, warmup: int = 3) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -212,51 +233,99 @@ class Prediction:
     transfer_s: tuple[float, float]  # activations, gradients
 
 
-def measure_contention(max_procs: int, seconds: float = 4.0) -> tuple[float, ...]:
-    """Slowdown of a process's compute while n = 1..max_procs processes compute at once: the
-    median time of a fixed matmul workload (1024 x 128 by 128 x 512 and back, the shape of a
-    width-128 block's MLP on a microbatch of 1,024 tokens) in each of n processes, over its
-    median alone. Returns (1.0, s(2), ..., s(max_procs)), each the mean over the n processes.
+def measure_contention(max_procs: int, seconds: float = 4.0, cfg: Optional[Config] = None) -> tuple[float, ...]:
+    """Slowdown of a process's compute while n = 1..max_procs processes compute at once.
+
+    Args:
+        max_procs: the largest n (the run's K).
+        seconds: how long each process computes per measurement.
+        cfg: a run's config: process i runs forward, backward and step of stage i mod K of its
+            pipeline on random inputs of the microbatch's shape (the stage modules, the method's
+            optimizer and stashing), and its slowdown is against that stage alone. None: every
+            process runs a fixed matmul workload (1024 x 128 by 128 x 512 and back, the shape of
+            a width-128 block's MLP on a microbatch of 1,024 tokens).
+    Returns:
+        (1.0, s(2), ..., s(max_procs)): each the mean over the n processes of the median time of
+        one iteration over its median alone.
     """
     import multiprocessing as mp
 
+    cfg_dict = None if cfg is None else cfg.to_dict()
+    K = 1 if cfg is None else cfg.pipeline.num_stages
     before = torch.get_num_threads()
     try:
-        alone = _contention_work(seconds)
+        alone = [_contention_work(cfg_dict, k, seconds) for k in range(min(K, max_procs))]
     finally:
         torch.set_num_threads(before)
     out = [1.0]
     ctx = mp.get_context("spawn")
     for n in range(2, max_procs + 1):
         start, q = ctx.Barrier(n + 1), ctx.Queue()
-        procs = [ctx.Process(target=_contention_child, args=(start, q, seconds)) for _ in range(n)]
+        procs = [ctx.Process(target=_contention_child, args=(start, q, cfg_dict, i % K, seconds)) for i in range(n)]
         for p in procs:
             p.start()
-        start.wait(timeout=120)  # releases the children together, each with torch imported and its tensors built
-        times = [q.get(timeout=120 + 10 * seconds) for _ in procs]
+        start.wait(timeout=120)  # releases the children together, each with its work built and warm
+        results = [q.get(timeout=120 + 10 * seconds) for _ in procs]
         for p in procs:
             p.join()
-        out.append(statistics.fmean(times) / alone)
+        out.append(statistics.fmean(t / alone[k] for k, t in results))
     return tuple(out)
 
 
-def _contention_work(seconds: float, start=None) -> float:
+def _contention_work(cfg_dict: Optional[dict], stage_idx: int, seconds: float, start=None) -> float:
+    """The median seconds of one iteration of the contention workload (see measure_contention),
+    after `start()` when given (the barrier that releases the processes together)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    a, w1, w2 = torch.randn(1024, 128, generator=g), torch.randn(128, 512, generator=g), torch.randn(512, 128, generator=g)
+    if cfg_dict is None:
+        a, w1, w2 = torch.randn(1024, 128, generator=g), torch.randn(128, 512, generator=g), torch.randn(512, 128, generator=g)
+
+        def once() -> None:
+            for _ in range(4):
+                (a @ w1).relu() @ w2
+    else:
+        once = _stage_iteration(Config.from_dict(cfg_dict), stage_idx, g)
+    for _ in range(3):  # warm-up (allocator, first-call costs)
+        once()
     if start is not None:
         start()
     times, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 5:
         t0 = time.perf_counter()
-        for _ in range(4):
-            (a @ w1).relu() @ w2
+        once()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def _contention_child(start, q, seconds: float) -> None:
-    q.put(_contention_work(seconds, lambda: start.wait(timeout=120)))
+def _stage_iteration(cfg: Config, stage_idx: int, g: torch.Generator):
+    """A function that runs one forward, backward and step of `cfg`'s stage `stage_idx` on
+    fixed random inputs (a pipeline built the way calibrate builds it)."""
+    from pipenag.build import build_pipeline
+    from pipenag.plan import plan_vocab_size
+
+    vocab = plan_vocab_size(cfg)
+    train_ids = torch.randint(0, vocab, (4096,), generator=g) if cfg.model.unigram_head else None
+    parts = build_pipeline(cfg, vocab, train_ids=train_ids)
+    K = parts.resolved.schedule.num_stages
+    runner = parts.runner(stage_idx)
+    B, T, C = cfg.data.microbatch_size, cfg.model.block_size, cfg.model.n_embd
+    x = torch.randint(0, vocab, (B, T), generator=g) if stage_idx == 0 else torch.randn(B, T, C, generator=g)
+    y = torch.randint(0, vocab, (B, T), generator=g) if stage_idx == K - 1 else None
+    grad = None if stage_idx == K - 1 else torch.randn(B, T, C, generator=g)
+    count = [0]
+
+    def once() -> None:
+        j = count[0]
+        runner.forward(j, x, y)
+        runner.backward(j, grad)
+        runner.step()
+        count[0] += 1
+
+    return once
+
+
+def _contention_child(start, q, cfg_dict: Optional[dict], stage_idx: int, seconds: float) -> None:
+    q.put((stage_idx, _contention_work(cfg_dict, stage_idx, seconds, lambda: start.wait(timeout=120))))
 
 
 def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0,
@@ -287,7 +356,7 @@ def predict(cfg: Config, costs: StageCosts, num_updates: int = 0, cores: int = 0
     n = num_updates or max(1, min(cfg.train.steps, max(8, 400 // M)))
     fwd, bwd = with_message_costs(costs)
     timeline = simulate_shared(schedule, n, fwd, bwd, costs.step, latency, fwd_transfer,
-                               bwd_transfer, cores, slowdown)
+                               bwd_transfer, cores, slowdown, weight_time=costs.weight or None)
     steady = _steady_period(timeline, schedule, n)
     return Prediction(steady, timeline.makespan / n, n, schedule.depths if schedule.asynchronous else (),
                       latency, (fwd_transfer, bwd_transfer))
@@ -326,15 +395,16 @@ def simulate_shared(schedule: Schedule, num_updates: int, forward_time: float | 
                     backward_time: float | Sequence[float] = 1.0, step_time: float | Sequence[float] = 0.0,
                     latency: float = 0.0, transfer_time: float = 0.0,
                     backward_transfer_time: Optional[float] = None, cores: int = 0,
-                    slowdown: Sequence[float] = ()) -> Timeline:
+                    slowdown: Sequence[float] = (), weight_time: Optional[float | Sequence[float]] = None) -> Timeline:
     """pipenag.timing.simulate when the stages share `cores` cores (processor sharing): while n
     stages compute, each advances at min(1, cores / n) of its speed, or, with a `slowdown`
     table (measure_contention: s(1) = 1, s(2), ...), at 1 / s(n) (beyond the table:
-    s(last) * n / last). cores = 0 or >= K and no table: the plain model (and the same numbers)."""
+    s(last) * n / last). cores = 0 or >= K and no table: the plain model (and the same numbers).
+    weight_time: the W pass of a split backward, as timing.simulate takes it."""
     K = schedule.num_stages
     if (cores <= 0 or cores >= K) and not slowdown:
         return simulate(schedule, num_updates, forward_time, backward_time, step_time, latency, transfer_time,
-                        backward_transfer_time)
+                        backward_transfer_time, weight_time)
     table = list(slowdown)
 
     def rate(n: int) -> float:  # the speed of each of n stages that compute at once
@@ -343,20 +413,24 @@ def simulate_shared(schedule: Schedule, num_updates: int, forward_time: float | 
         return 1.0 / (table[n - 1] if n <= len(table) else table[-1] * n / len(table))
 
     return _processor_sharing(schedule, num_updates, forward_time, backward_time, step_time, latency,
-                              transfer_time, backward_transfer_time, rate)
+                              transfer_time, backward_transfer_time, rate, weight_time)
 
 
 def _processor_sharing(schedule: Schedule, num_updates: int, forward_time, backward_time, step_time,
                        latency: float, transfer_time: float, backward_transfer_time: Optional[float],
-                       rate_of) -> Timeline:
+                       rate_of, weight_time=None) -> Timeline:
     """The event loop of simulate_shared: rate_of(n) is the speed of each of n stages that
     compute at once (tests run it with rate 1 against simulate)."""
     K = schedule.num_stages
     bwd = _per_stage(backward_time, K, "backward_time")
-    if schedule.splits_backward:  # zb-h1: the whole backward split in half between B and W (as simulate())
-        bwd = [b / 2 for b in bwd]
-    duration = {"F": _per_stage(forward_time, K, "forward_time"), "B": bwd, "W": bwd if schedule.splits_backward
-                else [0.0] * K, "S": _per_stage(step_time, K, "step_time")}
+    if weight_time is not None:
+        wgt = _per_stage(weight_time, K, "weight_time")
+    elif schedule.splits_backward:  # zb-h1 without W costs: the whole backward split in half (as simulate())
+        bwd = wgt = [b / 2 for b in bwd]
+    else:
+        wgt = [0.0] * K
+    duration = {"F": _per_stage(forward_time, K, "forward_time"), "B": bwd, "W": wgt,
+                "S": _per_stage(step_time, K, "step_time")}
     back = transfer_time if backward_transfer_time is None else backward_transfer_time
     lists = schedule.all_actions(num_updates)
     pos, busy = [0] * K, [0.0] * K

@@ -43,14 +43,21 @@ def test_pairs_only_within_a_machine_and_unpaired_across():
 
 def test_data_files_round_trip_with_and_without_machine(tmp_path):
     runs = [{"method": "m", "stages": 8, "seed": 1, "val_loss": 2.123456789012345, "updates": 10, "tokens": 640,
-             "wall_time_s": 1.0, "machine": "X family 1 AVX2", "curve": [{"step": 8, "tokens": 64, "val_loss": 3.0}]},
+             "wall_time_s": 1.0, "machine": "X family 1 AVX2", "lr": 0.003,
+             "curve": [{"step": 8, "tokens": 64, "val_loss": 3.0}]},
             {"method": "m", "stages": 8, "seed": 2, "val_loss": 2.0, "updates": 10, "tokens": 640,
              "wall_time_s": 1.0, "curve": []}]
     write_data(tmp_path, runs)
     back = read_runs(tmp_path)
-    assert back[0] == {"method": "m", "stages": 8, "seed": 1, "val_loss": 2.123456789012345, "machine": "X family 1 AVX2"}
-    assert "machine" not in back[1]
+    assert back[0] == {"method": "m", "stages": 8, "seed": 1, "val_loss": 2.123456789012345,
+                       "machine": "X family 1 AVX2", "lr": 0.003}
+    assert "machine" not in back[1] and "lr" not in back[1]
     assert read_runs(tmp_path / "missing") == []
     assert machine_key(None) == ""
     assert machine_key({"cpu_id": "AuthenticAMD family 26 model 2 stepping 1", "cpu_capability": "AVX512"}) == \
         "AuthenticAMD family 26 model 2 stepping 1 AVX512"
+    # a host checked to reproduce another's runs bit for bit files its runs under that one's key
+    assert machine_key({"cpu_id": "AuthenticAMD family 25 model 17 stepping 1", "cpu_capability": "AVX512"}) == \
+        "AuthenticAMD family 26 model 2 stepping 1 AVX512"
+    assert machine_key({"cpu_id": "AuthenticAMD family 25 model 1 stepping 1", "cpu_capability": "AVX2"}) == \
+        "AuthenticAMD family 25 model 1 stepping 1 AVX2"

@@ -109,3 +109,36 @@ def test_measure_contention_is_one_alone_and_positive_beyond():
     table = measure_contention(2, seconds=0.2)
     assert len(table) == 2 and table[0] == 1.0 and table[1] > 0.5  # a smoke test: the value is the machine's
     assert torch.get_num_threads() == threads  # the caller's torch threads are left as they were
+
+
+def test_measure_contention_runs_the_configs_own_stages(tmp_path):
+    from pipenag.wallclock import _stage_iteration, measure_contention
+
+    import torch
+
+    cfg = tiny_config(tmp_path / "r", "--pipeline.method=pipedream")
+    # the workload is the run's stage: one forward, backward and step per call, on its runner
+    once = _stage_iteration(cfg, cfg.pipeline.num_stages - 1, torch.Generator().manual_seed(0))
+    once()
+    once()
+    table = measure_contention(2, seconds=0.2, cfg=cfg)
+    assert len(table) == 2 and table[0] == 1.0 and table[1] > 0.5  # a smoke test: the value is the machine's
+
+
+def test_a_split_backward_is_calibrated_and_priced_as_its_two_passes(tmp_path):
+    cfg = tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}", "--pipeline.method=zb-h1")
+    costs = calibrate(cfg, repeats=2, warmup=1)
+    assert len(costs.weight) == costs.num_stages and all(w > 0 for w in costs.weight)  # the W pass, measured
+    assert calibrate(cfg, repeats=2, warmup=1) == costs  # the W costs survive the cache
+    assert calibrate(tiny_config(tmp_path / "r", f"--data.cache_dir={tmp_path / 'cache'}"),
+                     repeats=2, warmup=1).weight == ()  # no split, no W
+    # the model charges the W passes their own cost: a W as long as the whole backward costs time
+    halves = StageCosts((0.01,) * 4, (0.02,) * 4, (0.0,) * 4, 1, "test")  # W unknown: the backward split in half
+    measured = StageCosts((0.01,) * 4, (0.01,) * 4, (0.0,) * 4, 1, "test", weight=(0.02,) * 4)
+    assert predict(cfg, measured).steady_s_per_update > 1.2 * predict(cfg, halves).steady_s_per_update
+    # and processor sharing at a core per stage is the plain model with the same W costs
+    s = Schedule("zb-h1", 4, 6)
+    plain = simulate(s, 6, 1.0, 1.0, 0.2, weight_time=[2.0, 1.5, 1.0, 0.5])
+    shared = _processor_sharing(s, 6, 1.0, 1.0, 0.2, 0.0, 0.0, None, lambda n: 1.0, [2.0, 1.5, 1.0, 0.5])
+    assert shared.makespan == pytest.approx(plain.makespan, abs=1e-9)
+
