@@ -56,14 +56,17 @@ LINKS = [("none", 0.0, 0.0), ("1 Gbit/s, 5 ms", 5.0, 1000.0), ("100 Mbit/s, 30 m
 F_MS = B_MS = 20.0
 SHAPE = ["--data.microbatch_size=8", "--model.block_size=128", "--model.n_embd=128", "--model.n_head=4"]
 INT8 = ["--link.compress_activations=int8", "--link.compress_gradients=int8"]
-ASYNC = ("pipedream", "nesterov", "muon-wp")
+ASYNC = ("pipedream", "nesterov", "muon-wp", "muon-wp-ef")
+# The Muon methods, whose optimizer step a GPU would make cheap: each also gets a what-if row (*)
+# with its step at AdamW's cost.
+STARRED = ("muon-wp", "muon-wp-ef")
 SYNC = ("gpipe", "1f1b", "zb-h1")
 BENCH_TOKENS_PER_MICROBATCH = 8 * 64
 BUDGET = 2000 * BENCH_TOKENS_PER_MICROBATCH  # tokens of a benchmark run (longer runs are rows of their own)
 # The calibration model: docs/results/time_model.md's (4 blocks of width 128, one per stage).
 CALIBRATION = ["--model.n_layer=4", "--model.n_embd=128", "--model.n_head=4", "--model.block_size=128",
                "--data.microbatch_size=8", "--data.max_chars=400000", "--pipeline.num_stages=4", "--run.threads=1"]
-COST_METHODS = ("pipedream", "nesterov", "muon-wp", "gpipe", "gpipe-muon")
+COST_METHODS = ("pipedream", "nesterov", "muon-wp", "muon-wp-ef", "gpipe", "gpipe-muon")
 
 
 def sync_ms(K: int) -> tuple[int, ...]:
@@ -151,14 +154,15 @@ IDENT = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
 
 
 def collect(runs_root: Path) -> None:
-    """Add the finished loss runs under runs_root/sl_k8, sl_sync, sl_k8_long and sl_k4none to DATA's files:
-    a run replaces the data of the same run (IDENT) already there, and the rest are kept (their
-    run folders may be gone: they were made in other sessions)."""
+    """Add the finished loss runs of every sweep under runs_root/sl_* (sl_k8, sl_sync, sl_k8_long,
+    sl_k4none, ...) to DATA's files: a run replaces the data of the same run (IDENT) already
+    there, and the rest are kept (their run folders may be gone: they were made in other
+    sessions)."""
     from pipenag.metrics import read_metrics
 
     rows, curves = [], []
-    for name in ("sl_k8", "sl_sync", "sl_k8_long", "sl_k4none"):
-        for path in sorted((runs_root / name / "runs").glob("**/summary.json")):
+    for sweep in sorted(runs_root.glob("sl_*")):
+        for path in sorted((sweep / "runs").glob("**/summary.json")):
             folder = path.parent
             summary = json.loads(path.read_text())
             config = json.loads((folder / "config.json").read_text())
@@ -195,8 +199,8 @@ def collect(runs_root: Path) -> None:
 
 def read_losses() -> list[dict]:
     """Loss runs, each {key..., seed, val_loss, curve: [(tokens, val_loss)]}: this page's runs,
-    plus the uncompressed K = 8 runs at the default depths of docs/results/compression.md (the
-    link-free row)."""
+    plus the uncompressed K = 8 runs at the default depths of docs/results/compression.md and,
+    for muon-wp-ef, of the corrections (the link-free row)."""
     runs = {}
 
     def add(key: tuple, seed: int, val_loss: float, curve_rows) -> None:
@@ -221,6 +225,12 @@ def read_losses() -> list[dict]:
                 key = (method, int(r["stages"]), 1, "", "none", 3e-3, BUDGET)
                 add(key, int(r["seed"]), float(r["val_loss"]),
                     [c for c in curves if c["method"] == r["method"] and c["seed"] == r["seed"]])
+    ef = Path("docs/results/data/corrections/k8w")  # muon-wp-ef at K = 8, the default depths (machine a)
+    if ef.is_dir():
+        curves = read(ef / "curves.csv")
+        for r in read(ef / "runs.csv"):
+            add(("muon-wp-ef", int(r["stages"]), 1, "", "none", 3e-3, BUDGET), int(r["seed"]), float(r["val_loss"]),
+                [c for c in curves if c["method"] == r["method"] and c["seed"] == r["seed"]])
     return list(runs.values())
 
 
@@ -312,7 +322,7 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
         lines.append(f"| {m} | {M} | {r['lr']:g} ({tried}) | {_loss(r)} | {_tokens(r, crossing(r['curve'], target))} |")
     lines.append("")
     # The what-if of a cheap Muon step (a GPU's), for the asynchronous and the synchronous Muon alike.
-    free_step = {**scale, "muon-wp": {**scale["muon-wp"], "step": scale["pipedream"]["step"]}}
+    free_step = {**scale, **{m: {**scale[m], "step": scale["pipedream"]["step"]} for m in STARRED if m in scale}}
     if "gpipe-muon" in scale and "gpipe" in scale:
         free_step["gpipe-muon"] = {**scale["gpipe-muon"], "step": scale["gpipe"]["step"]}
     for K in (4, 8, 16, 32):
@@ -354,10 +364,10 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
                 lines.append(f"| {name} | {label}: {r['label']} | M = {r['M']} | {r['spm'] * 1e3:.1f} | {_loss(r['s'])} | "
                              f"{_tokens(r['s'], r['tt'])} | {_seconds(r['t'])} | {ratio} |")
             depths = scenario_depths(K, latency, bandwidth, compressed)
-            cells = [(m, BUDGET) for m in ASYNC + ("muon-wp*",)]
+            cells = [(m, BUDGET) for m in ASYNC if m in scale] + [(m + "*", BUDGET) for m in STARRED if m in scale]
             long = sorted({(k[0], k[6]) for k in by_key if k[1] == K and k[6] > BUDGET and k[0] in ASYNC
                            and k[3] == (",".join(map(str, depths)) if compressed else "")})
-            cells += [c for m, b in long for c in ([(m, b), (m + "*", b)] if m == "muon-wp" else [(m, b)])]
+            cells += [c for m, b in long for c in ([(m, b), (m + "*", b)] if m in STARRED else [(m, b)])]
             for method, budget in cells:
                 base = method.rstrip("*")
                 spm = seconds_per_microbatch(base, "pipedream", K, 1, link, depths, free_step if method != base else scale)
