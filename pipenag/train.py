@@ -63,6 +63,9 @@ def train_sim(cfg: Config, resume: bool = False) -> dict:
     Raises:
         ValueError: a bad config, or resume without a usable checkpoint (before any training).
     """
+    from pipenag.compare import apply_microbatch_budget
+
+    cfg = apply_microbatch_budget(cfg)  # a budget in microbatches means the same here as in `pipenag train`
     resolved = preflight(cfg)
     mode = resume_mode(cfg, resume)
     if mode == "auto":

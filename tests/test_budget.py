@@ -30,6 +30,20 @@ def test_a_budget_becomes_updates_and_intervals_in_microbatches(tmp_path):
     assert apply_microbatch_budget(plain) is plain  # no budget: train.steps are updates
 
 
+def test_the_library_entry_points_spend_a_budget_as_pipenag_train_does(tmp_path):
+    from pipenag.train import train_sim
+
+    # train_sim given a config with a budget (as load_config("configs/bench.toml") returns one)
+    # trains budget // M updates, not train.steps' default
+    cfg = tiny_config(tmp_path / "r", "--pipeline.method=gpipe", "--train.microbatch_budget=12",
+                      "--train.eval_every=4", "--train.checkpoint_every=0")
+    assert cfg.train.steps != 3
+    summary = train_sim(cfg)
+    assert summary["updates"] == 3 and summary["tokens"] == 12 * cfg.data.microbatch_size * cfg.model.block_size
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved == apply_microbatch_budget(cfg).to_dict()  # the run's config is the spent one, as in `train`
+
+
 def test_compare_and_train_build_the_same_run_config(tmp_path):
     cfg = tiny_config(tmp_path / "cmp", "--train.microbatch_budget=24", "--train.eval_every=8")
     for spec in ("gpipe", "pipedream", "2bw", "gpipe:pipeline.num_microbatches=2"):

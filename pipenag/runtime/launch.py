@@ -54,6 +54,9 @@ def train_dist(cfg: Config, resume: bool = False, start_method: Optional[str] = 
     Raises:
         ValueError: a bad config, or --resume without a checkpoint from every stage.
     """
+    from pipenag.compare import apply_microbatch_budget
+
+    cfg = apply_microbatch_budget(cfg)  # a budget in microbatches means the same here as in `pipenag train`
     env = DistEnv.from_env()
     if env is not None:
         return run_worker(cfg, resume, env)
