@@ -1,5 +1,5 @@
-"""The delay penalty against run length (issue 19): the same methods at K = 8 and their K = 1
-controls, trained for 2,000 and for 8,000 microbatches on the benchmark regime
+"""The delay penalty against run length (issue 19): the same methods at K = 8 and 32 and their
+K = 1 controls, trained for 2,000 and for 8,000 microbatches on the benchmark regime
 (configs/bench.toml), from the repository root.
 
     python experiments/run_length.py --run     # the sweeps (resumable), then the table
@@ -11,7 +11,9 @@ runs/run_length_<x>/, with the cosine schedule and its warm-up (optim.warmup_fra
 the length:
 - 2k: pipedream, nesterov and muon-wp at K = 8 and K = 1, 2,000 microbatches, seed 1;
 - 8k: the same, 8,000 microbatches (evaluated every 320), seed 1;
-- 2k23, 8k23: the same for seeds 2 and 3.
+- 2k23, 8k23: the same for seeds 2 and 3;
+- 2k32, 8k32: the same methods at K = 32, seed 1, without K = 1 controls of their own (those of
+  2k and 8k serve: the same method, seed, length and machine).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -27,26 +29,30 @@ from pathlib import Path
 from paired_runs import read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
+STAGES = (8, 32)
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
-SWEEPS = {"2k": ("2k", "1"), "8k": ("8k", "1"), "2k23": ("2k", "2,3"), "8k23": ("8k", "2,3")}
+# name -> (length, seeds, K, with K = 1 controls)
+SWEEPS = {"2k": ("2k", "1", 8, True), "8k": ("8k", "1", 8, True), "2k23": ("2k", "2,3", 8, True),
+          "8k23": ("8k", "2,3", 8, True), "2k32": ("2k", "1", 32, False), "8k32": ("8k", "1", 32, False)}
 DATA = Path("docs/results/data/run_length")
 
 
 def command(name: str, jobs: int) -> list[str]:
-    length, seeds = SWEEPS[name]
+    length, seeds, stages, controls = SWEEPS[name]
     budget, every = LENGTH[length]
     return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(METHODS),
-            "--stages", "8", "--seeds", seeds, "--lrs", "3e-3", "--jobs", str(jobs), "--out", f"runs/run_length_{name}",
-            f"--train.microbatch_budget={budget}", f"--train.eval_every={every}", f"--train.log_every={every * 5}"]
+            "--stages", str(stages), "--seeds", seeds, "--lrs", "3e-3", "--jobs", str(jobs),
+            "--out", f"runs/run_length_{name}", f"--train.microbatch_budget={budget}", f"--train.eval_every={every}",
+            f"--train.log_every={every * 5}"] + ([] if controls else ["--no-k1-controls"])
 
 
-def penalties(records: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
-    """(method, length) -> [(seed, loss at K = 8, delay penalty)] for every seed with both runs."""
+def penalties(records: list[dict], K: int = 8) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+    """(method, length) -> [(seed, loss at K, delay penalty)] for every seed with both runs."""
     loss = {(r["method"], r["length"], r["stages"], r["seed"]): r["val_loss"] for r in records}
     out: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
     for (method, length, stages, seed), value in sorted(loss.items()):
         control = loss.get((method, length, 1, seed))
-        if stages == 8 and control is not None:
+        if stages == K and control is not None:
             out.setdefault((method, length), []).append((seed, value, value - control))
     return out
 
@@ -58,27 +64,30 @@ def mean_se(values: list[float]) -> str:
 
 
 def table(records: list[dict]) -> list[str]:
-    pens = penalties(records)
-    lines = ["| method | microbatches | seeds | loss K = 1 | loss K = 8 | delay penalty (mean +- s.e.) |",
-             "|---|---|---|---|---|---|"]
-    for method in METHODS:
-        for length in LENGTH:
-            rows = pens.get((method, length))
-            if rows:
-                seeds = ",".join(str(s) for s, _, _ in rows)
-                k8 = statistics.fmean(v for _, v, _ in rows)
-                k1 = statistics.fmean(v - p for _, v, p in rows)
-                lines.append(f"| {method} | {LENGTH[length][0]:,} | {seeds} | {k1:.4f} | {k8:.4f} | "
-                             f"{mean_se([p for _, _, p in rows])} |")
-    lines += ["", "| method | seed | penalty at 2,000 | penalty at 8,000 | ratio 8k / 2k | exponent a in penalty ~ N^a |",
-              "|---|---|---|---|---|---|"]
-    for method in METHODS:
-        short = {s: p for s, _, p in pens.get((method, "2k"), [])}
-        for seed, _, p in pens.get((method, "8k"), []):
-            if seed in short:
-                ratio = p / short[seed]
-                exponent = f"{math.log(ratio) / math.log(4):+.2f}" if ratio > 0 else "n/a (sign change)"
-                lines.append(f"| {method} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {ratio:.2f} | {exponent} |")
+    lines = ["| method | K | microbatches | seeds | loss K = 1 | loss at K | delay penalty (mean +- s.e.) |",
+             "|---|---|---|---|---|---|---|"]
+    for K in STAGES:
+        pens = penalties(records, K)
+        for method in METHODS:
+            for length in LENGTH:
+                rows = pens.get((method, length))
+                if rows:
+                    seeds = ",".join(str(s) for s, _, _ in rows)
+                    at_k = statistics.fmean(v for _, v, _ in rows)
+                    k1 = statistics.fmean(v - p for _, v, p in rows)
+                    lines.append(f"| {method} | {K} | {LENGTH[length][0]:,} | {seeds} | {k1:.4f} | {at_k:.4f} | "
+                                 f"{mean_se([p for _, _, p in rows])} |")
+    lines += ["", "| method | K | seed | penalty at 2,000 | penalty at 8,000 | ratio 8k / 2k | "
+              "exponent a in penalty ~ N^a |", "|---|---|---|---|---|---|---|"]
+    for K in STAGES:
+        pens = penalties(records, K)
+        for method in METHODS:
+            short = {s: p for s, _, p in pens.get((method, "2k"), [])}
+            for seed, _, p in pens.get((method, "8k"), []):
+                if seed in short:
+                    ratio = p / short[seed]
+                    exponent = f"{math.log(ratio) / math.log(4):+.2f}" if ratio > 0 else "n/a (sign change)"
+                    lines.append(f"| {method} | {K} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {ratio:.2f} | {exponent} |")
     return lines
 
 
@@ -89,17 +98,18 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pens = penalties(records)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method in METHODS:
-        points = [(LENGTH[length][0], statistics.fmean(p for _, _, p in pens[(method, length)]))
-                  for length in LENGTH if pens.get((method, length))]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=method)
+    for K, style in zip(STAGES, ("-", "--")):
+        pens = penalties(records, K)
+        for i, method in enumerate(METHODS):
+            points = [(LENGTH[length][0], statistics.fmean(p for _, _, p in pens[(method, length)]))
+                      for length in LENGTH if pens.get((method, length))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{method}, K = {K}")
     ax.set_xscale("log")
     ax.set_xlabel("run length (microbatches of 8 x 64 tokens)")
-    ax.set_ylabel("delay penalty at K = 8 (loss - K = 1 loss)")
+    ax.set_ylabel("delay penalty (loss - K = 1 loss)")
     ax.axhline(0.0, color="k", lw=0.6)
     ax.legend(fontsize=8)
     fig.tight_layout()
