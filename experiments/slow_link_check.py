@@ -129,8 +129,9 @@ def main(argv: list[str]) -> int:
             "val_loss_sim": runs["sim"][1]["val_loss"], "sim_equals_dist": losses["dist"] == losses["sim"],
             "evaluations": len(losses["dist"]), "eval_s_each": eval_s_each,
             # the steady state's seconds per microbatch, its evaluations taken out
-            "measured_s_per_microbatch": (measured_seconds_per_update(out / label / "dist") / M
-                                          - eval_s_each / cfg.train.eval_every),
+            # (train.eval_every counts updates here: the budget was spent into updates)
+            "measured_s_per_microbatch": (measured_seconds_per_update(out / label / "dist")
+                                          - eval_s_each / cfg.train.eval_every) / M,
             "model_s_per_microbatch": pred.steady_s_per_update / M,
             "model_fill_s": max(0.0, pred.run_s_per_update * pred.num_updates - pred.steady_s_per_update
                                 * pred.num_updates),

@@ -63,3 +63,11 @@ def test_bfloat16_resume_is_bit_identical(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method,K", [("nesterov", 3), ("pipemare", 2)])
 def test_bfloat16_dist_equals_simulator(tmp_path, method, K):
     run_dist_against_sim(tmp_path, method, K, BF16, val_steps=[3, 6])
+
+
+def test_bfloat16_split_backward_equals_the_whole_one(tmp_path):
+    """zb-h1's B and W passes (pipenag/engine/split_backward.py) through autocast's casts give
+    gpipe's numbers in bfloat16 too, bit for bit."""
+    runs = {m: sim_reference(tiny_config(tmp_path / m, f"--pipeline.method={m}", "--train.steps=4", *BF16))[0]
+            for m in ("gpipe", "zb-h1")}
+    assert [r["train_loss"] for r in runs["zb-h1"]] == [r["train_loss"] for r in runs["gpipe"]]

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from pipenag.engine.split_backward import SplitBackward
 from pipenag.schedules import Schedule
 
 
@@ -177,9 +178,9 @@ class StageRunner:
         # include the current version when a graph built on it outlives the next step).
         self.snapshots: dict[int, list[torch.Tensor]] = {}
         self.pending: dict[int, _Pending] = {}
-        # Split backward (zb-h1): microbatch -> (graph context, output gradient) between its
-        # backward_input and its backward_weight.
-        self.awaiting_weight: dict[int, tuple[_Pending, Optional[torch.Tensor]]] = {}
+        # Split backward (zb-h1): microbatch -> (graph context, its SplitBackward, or on the
+        # first stage the output gradient) between its backward_input and its backward_weight.
+        self.awaiting_weight: dict[int, tuple[_Pending, object]] = {}
         self.next_forward = 0  # lowest microbatch not yet forwarded
 
     # -- versions ---------------------------------------------------------------------------
@@ -354,23 +355,34 @@ class StageRunner:
                              f"the forward's graph, but microbatch {microbatch} kept none (recompute backward: "
                              "stash off on an asynchronous schedule, or PipeMare's prediction)")
         self._log("B", microbatch, self.schedule.forward_version(self.stage_idx, microbatch))
-        self.awaiting_weight[microbatch] = (ctx, grad)
-        if self.is_first:
+        if self.is_first:  # no input gradient to take: W runs the whole backward
+            self.awaiting_weight[microbatch] = (ctx, grad)
             return None
-        (g_in,) = torch.autograd.grad(ctx.out, (ctx.inp,), None if self.is_last else grad, retain_graph=True)
+        split = SplitBackward(ctx.out, ctx.inp, self.params if ctx.used is None else ctx.used)
+        g_in = split.input_gradient(None if self.is_last else grad)
+        self.awaiting_weight[microbatch] = (ctx, split)
         return g_in
 
     def backward_weight(self, microbatch: int) -> None:
         """The W half of a split backward (zb-h1): the weight gradient of `microbatch`, added to
         .grad exactly as backward() adds it (same graph, same output gradient, same order of
         accumulation when the W's run in microbatch order). Frees the graph."""
-        ctx, grad = self.awaiting_weight.pop(microbatch)
+        ctx, kept = self.awaiting_weight.pop(microbatch)
         k = self.stage_idx
         used = ctx.used
         leaves = self.params if used is None else used
-        # inputs=: only the weights' gradients (the input's was taken by backward_input); the
-        # live parameters accumulate through autograd as in backward().
-        ctx.out.backward(None if self.is_last else grad, inputs=leaves)
+        if isinstance(kept, SplitBackward):  # from the gradients B kept (split_backward.py)
+            grads = kept.weight_gradients()
+            with torch.no_grad():
+                for leaf, g in zip(leaves, grads):
+                    if g is None:
+                        continue
+                    if leaf.grad is None:
+                        leaf.grad = g
+                    else:
+                        leaf.grad.add_(g)
+        else:  # the first stage: the whole backward, weights only (the live parameters accumulate)
+            ctx.out.backward(None if self.is_last else kept, inputs=leaves)
         self._gather_weight_grads(used, self.schedule.forward_version(k, microbatch))
 
     def step(self) -> None:
