@@ -158,6 +158,7 @@ def collect(runs_root: Path) -> None:
     sl_k4none, ...) to DATA's files: a run replaces the data of the same run (IDENT) already
     there, and the rest are kept (their run folders may be gone: they were made in other
     sessions)."""
+    from paired_runs import machine_key
     from pipenag.metrics import read_metrics
 
     rows, curves = [], []
@@ -175,7 +176,7 @@ def collect(runs_root: Path) -> None:
                    else ",".join(map(str, p["in_flight"])), "codec": codec, "seed": config["train"]["seed"],
                    "lr": config["optim"]["lr"], "val_loss": summary["val_loss"], "tokens": summary["tokens"],
                    "budget": summary["tokens"],
-                   "wall_time_s": summary["wall_time_s"]}
+                   "wall_time_s": summary["wall_time_s"], "machine": machine_key(summary.get("machine"))}
             rows.append(row)
             for r in read_metrics(folder):
                 if r.get("val_loss") is not None:
@@ -191,7 +192,8 @@ def collect(runs_root: Path) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     for file, data in (("runs.csv", rows), ("curves.csv", curves)):
         with open(DATA / file, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            # (rows written before the machine was recorded have none: an earlier host's)
+            w = csv.DictWriter(f, fieldnames=list(max(data, key=len)), restval="")
             w.writeheader()
             w.writerows(data)
     print(f"{added} runs added, {len(rows) - added} kept -> {DATA}")
@@ -213,7 +215,12 @@ def read_losses() -> list[dict]:
 
     if (DATA / "runs.csv").is_file():
         curves = read(DATA / "curves.csv")
-        for r in read(DATA / "runs.csv"):
+        rows = read(DATA / "runs.csv")
+        # Where a setting has runs of a recorded machine, the runs of earlier hosts (no machine
+        # recorded) are left out: two hosts give different runs, so their seeds do not mix.
+        recorded = {tuple(r[k] for k in IDENT if k != "seed") for r in rows if r.get("machine")}
+        rows = [r for r in rows if r.get("machine") or tuple(r[k] for k in IDENT if k != "seed") not in recorded]
+        for r in rows:
             key = (r["method"], int(r["stages"]), int(r["M"]), r["in_flight"], r["codec"], float(r["lr"]), int(r["tokens"]))
             add(key, int(r["seed"]), float(r["val_loss"]), [c for c in curves if all(c[k] == r[k] for k in IDENT)])
     comp = Path("docs/results/data/compression/k8")
