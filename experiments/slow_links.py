@@ -39,6 +39,20 @@ The loss runs (made from a clone of this repository, their run folders under RUN
     pipenag sweep --config $S --methods nesterov:$I8,muon-wp:$I8 --stages 8 --seeds 1 --lrs 3e-3 \\
         --no-k1-controls --grid "pipeline.in_flight=22,19,16,13,10,7,4,1" --train.microbatch_budget=8000 \\
         --train.eval_every=160 --out RUNS/sl_k8_long
+    # machine c: the synchronous lr edges and M, the target's seeds, the moonshot's seeds, the best method
+    pipenag sweep --config $S --methods gpipe-muon --stages 1 --seeds 1 --lrs 3e-2,1e-1 --out RUNS/sl_sync_up
+    pipenag sweep --config $S --methods gpipe-muon --stages 1 --seeds 2,3 --lrs 3e-2 --out RUNS/sl_sync_seeds
+    pipenag sweep --config $S --methods gpipe-muon:pipeline.num_microbatches=8 --stages 1 --seeds 1 \
+        --lrs 3e-3,1e-2,3e-2,1e-1 --out RUNS/sl_sync_muon
+    pipenag sweep --config $S --methods gpipe:pipeline.num_microbatches=32 --stages 1 --seeds 1 --lrs 3e-4 \
+        --out RUNS/sl_sync_down
+    pipenag sweep --config $S --methods muon-wp:$I8 --stages 8 --seeds 2,3 --lrs 3e-3 --no-k1-controls \
+        --grid "pipeline.in_flight=22,19,16,13,10,7,4,1" --train.microbatch_budget=8000 --train.eval_every=160 \
+        --out RUNS/sl_k8_long_seeds          (and muon-wp-ef:$I8 seed 1 into RUNS/sl_ef_k8_long; without the
+                                              budget into RUNS/sl_ef_k8; muon-wp:$I8 --lrs 1e-2 into RUNS/sl_k8_lr)
+    # K = 16 at the depths of the three links (D16: the depths of depths.json, ";"-separated)
+    pipenag sweep --config $S --methods pipedream:$I8,nesterov:$I8,muon-wp:$I8 --stages 16 --seeds 1 --lrs 3e-3 \
+        --no-k1-controls --grid "pipeline.in_flight=$D16" --out RUNS/sl_k16
 """
 
 from __future__ import annotations
@@ -150,6 +164,8 @@ def seconds_per_microbatch(method: str, schedule: str, K: int, M: int, link: tup
 # -- losses ---------------------------------------------------------------------------------------
 
 
+ALL_TABLES = "## All tables"
+LOWER_TARGETS = (1.75, 1.70, 1.65, 1.60)
 IDENT = ("method", "stages", "M", "in_flight", "codec", "seed", "lr", "budget")
 
 
@@ -316,7 +332,7 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
     """
     by_key = groups(read_losses())
     sync = {k: v for k, v in sync_losses(by_key).items() if k[0] in optimizers}
-    lines, plot = [], {}
+    lines, plot, by_seed, lower = [], {}, [], []
     if not sync:
         return ["no synchronous runs yet"], plot
     target_key = min(sync, key=lambda k: sync[k]["final"])
@@ -327,6 +343,16 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
     for (m, M), r in sorted(sync.items()):
         tried = ", ".join(f"{x:g}" for x in r["lrs_tried"])
         lines.append(f"| {m} | {M} | {r['lr']:g} ({tried}) | {_loss(r)} | {_tokens(r, crossing(r['curve'], target))} |")
+    # Longer synchronous runs (at a tuned lr) are candidates for the reference too: a longer cosine
+    # schedule may pass the target before its end.
+    candidates = [((m, M, ""), r) for (m, M), r in sorted(sync.items())]
+    for key, members in sorted(by_key.items()):
+        method, K, M, _, _, lr, budget = key
+        if method in optimizers and K == 1 and budget > BUDGET:
+            r = {**summarize(members), "lr": lr}
+            length = f", {budget // BENCH_TOKENS_PER_MICROBATCH:,} microbatches"
+            candidates.append(((method, M, length), r))
+            lines.append(f"| {method}{length} | {M} | {lr:g} | {_loss(r)} | {_tokens(r, crossing(r['curve'], target))} |")
     lines.append("")
     # The what-if of a cheap Muon step (a GPU's), for the asynchronous and the synchronous Muon alike.
     free_step = {**scale, **{m: {**scale[m], "step": scale["pipedream"]["step"]} for m in STARRED if m in scale}}
@@ -339,15 +365,16 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
         for link in LINKS:
             name, latency, bandwidth = link
             compressed = bool(latency or bandwidth)
-            def sync_rows_at(costs: dict, star: str) -> list[dict]:
+            def sync_rows_at(costs: dict, star: str, goal: float = target) -> list[dict]:
                 rows = []
-                for (method, M), r in sorted(sync.items()):
+                for (method, M, length), r in candidates:
                     if M not in sync_ms(K) and M != 4:
                         continue
                     for sched in SYNC:
                         spm = seconds_per_microbatch(sched if method == "gpipe" else method, sched, K, M, link, (), costs)
-                        tt = crossing(r["curve"], target)
-                        label = f"{method}{star if method == 'gpipe-muon' else ''}" + (f" on {sched}" if sched != "gpipe" else "")
+                        tt = crossing(r["curve"], goal)
+                        label = (f"{method}{star if method == 'gpipe-muon' else ''}" + (f" on {sched}" if sched != "gpipe" else "")
+                                 + length)
                         rows.append({"label": label, "M": M, "spm": spm, "s": r, "tt": tt,
                                      "t": None if tt is None else tt / BENCH_TOKENS_PER_MICROBATCH * spm})
                 return rows
@@ -396,11 +423,46 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon")) -
                 shown = list(depths) if K <= 8 else f"[{depths[0]}, {depths[1]}, ..., {depths[-1]}]"
                 lines.append(f"| {name} | {method} | {shown} | {spm * 1e3:.1f} | {_loss(r)} | {_tokens(r, tt)} | "
                              f"{_seconds(t)} | {ratio} |")
+                if budget != BUDGET and r is not None and "*" not in method:
+                    # Lower targets than the synchronous bench loss: the fastest synchronous run to each
+                    # (longer synchronous runs included) against this run's seed-mean curve.
+                    for goal in LOWER_TARGETS:
+                        reach = [x for x in sync_rows_at(scale, "", goal) if x["t"] is not None]
+                        ref_g = min(reach, key=lambda x: x["t"]) if reach else None
+                        tt_g = crossing(r["curve"], goal)
+                        t_g = None if tt_g is None else tt_g / BENCH_TOKENS_PER_MICROBATCH * spm
+                        ref_label = "none reaches it" if ref_g is None else f"{ref_g['label']}, M = {ref_g['M']}"
+                        ratio_g = "n/a" if t_g is None or ref_g is None else f"{t_g / ref_g['t']:.2f}x"
+                        lower.append(f"| {K} | {name} | {goal:.2f} | {method} | {_seconds(t_g)} | {ref_label} | "
+                                     f"{_seconds(ref_g['t'] if ref_g else None)} | {ratio_g} |")
+                if budget != BUDGET and r is not None:  # the longer runs seed by seed, against the same reference
+                    ref = ref_t_star if "*" in method else ref_t
+                    for run in sorted(by_key[key], key=lambda x: x["seed"]):
+                        tt_s = crossing(run["curve"], target)
+                        t_s = None if tt_s is None else tt_s / BENCH_TOKENS_PER_MICROBATCH * spm
+                        by_seed.append(f"| {K} | {name} | {method} | {run['seed']} | {run['val_loss']:.4f} | "
+                                       f"{'never' if tt_s is None else f'{tt_s / BENCH_TOKENS_PER_MICROBATCH:,.0f}'} | "
+                                       f"{_seconds(t_s)} | {_seconds(ref)} | "
+                                       f"{'never' if t_s is None or not ref else f'{t_s / ref:.2f}x'} |")
         lines.append("")
-    lines.append("muon-wp*: muon-wp with its optimizer step at AdamW's measured cost (the Newton-Schulz step of "
-                 "torch's Muon costs 78x AdamW's on this CPU, in bfloat16 matmuls; on a GPU it is a few percent "
-                 "of a pass): a what-if, not a measurement. Its ratio is to the best synchronous schedule under "
-                 "the same what-if (gpipe-muon* with its step at gpipe's cost), when that one is faster.")
+    if lower:
+        lines += ["### Lower targets", "",
+                  "The longer asynchronous runs against the fastest synchronous schedule to each loss, longer "
+                  "synchronous runs included.", "",
+                  "| K | link | target | method | time | fastest synchronous | its time | ratio |",
+                  "|---|---|---|---|---|---|---|---|", *lower, ""]
+    if by_seed:
+        lines += ["### The longer runs, seed by seed", "",
+                  f"Each seed's microbatches to the target ({target:.4f}, the synchronous seed mean) and its time, "
+                  "against the best synchronous schedule's time on that link.", "",
+                  "| K | link | method | seed | final loss | microbatches to target | time to target "
+                  "| best synchronous | ratio |", "|---|---|---|---|---|---|---|---|---|", *by_seed, ""]
+    muon_step = scale["muon-wp"]["step"]
+    lines.append(f"muon-wp*: muon-wp with its optimizer step at AdamW's measured cost (the Newton-Schulz step of "
+                 f"torch's Muon costs {muon_step / scale['pipedream']['step']:.1f}x AdamW's in costs.json, "
+                 f"{muon_step:.2f}x a forward + backward of a stage; on a GPU it is a few percent of a pass): a "
+                 "what-if, not a measurement. Its ratio is to the best synchronous schedule under the same what-if "
+                 "(gpipe-muon* with its step at gpipe's cost), when that one is faster.")
     return lines, plot
 
 
@@ -421,6 +483,10 @@ def main(argv: list[str]) -> int:
     lines += ["", "## Against AdamW's synchronous schedules only (the convergence benchmark's reference)", "",
               *adam_lines]
     (DATA / "tables.md").write_text("\n".join(lines) + "\n")
+    page = Path("docs/results/slow_links.md")  # its last section, "## All tables", is these tables
+    if page.is_file() and ALL_TABLES in page.read_text():
+        text = page.read_text()
+        page.write_text(text[:text.index(ALL_TABLES) + len(ALL_TABLES)] + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     if plot or adam_plot:
         import matplotlib
