@@ -273,6 +273,19 @@ def crossing(curve: list[tuple[int, float]], target: float):
     return None
 
 
+def seconds_to(curve: list[tuple[int, float]], goal: float, spm: float):
+    """Seconds to `goal` on a loss curve at spm seconds per microbatch (None: never reached)."""
+    tt = crossing(curve, goal)
+    return None if tt is None else tt / BENCH_TOKENS_PER_MICROBATCH * spm
+
+
+def fastest_to(sync_rows: list[dict], goal: float):
+    """(row, seconds) of the synchronous row that reaches `goal` first, or None."""
+    reach = [(x, seconds_to(x["s"]["curve"], goal, x["spm"])) for x in sync_rows]
+    reach = [(x, t) for x, t in reach if t is not None]
+    return min(reach, key=lambda xt: xt[1]) if reach else None
+
+
 def groups(runs: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -367,14 +380,14 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon"),
         for link in LINKS:
             name, latency, bandwidth = link
             compressed = bool(latency or bandwidth)
-            def sync_rows_at(costs: dict, star: str, goal: float = target) -> list[dict]:
+            def sync_rows_at(costs: dict, star: str) -> list[dict]:
                 rows = []
                 for (method, M, length), r in candidates:
                     if M not in sync_ms(K) and M != 4:
                         continue
                     for sched in SYNC:
                         spm = seconds_per_microbatch(sched if method == "gpipe" else method, sched, K, M, link, (), costs)
-                        tt = crossing(r["curve"], goal)
+                        tt = crossing(r["curve"], target)
                         label = (f"{method}{star if method == 'gpipe-muon' else ''}" + (f" on {sched}" if sched != "gpipe" else "")
                                  + length)
                         rows.append({"label": label, "M": M, "spm": spm, "s": r, "tt": tt,
@@ -425,27 +438,25 @@ def tables(scale: dict, optimizers: tuple[str, ...] = ("gpipe", "gpipe-muon"),
                 shown = list(depths) if K <= 8 else f"[{depths[0]}, {depths[1]}, ..., {depths[-1]}]"
                 lines.append(f"| {name} | {method} | {shown} | {spm * 1e3:.1f} | {_loss(r)} | {_tokens(r, tt)} | "
                              f"{_seconds(t)} | {ratio} |")
-                if budget != BUDGET and r is not None and "*" not in method:
+                if budget == BUDGET or r is None:
+                    continue
+                for goal in lower_targets if "*" not in method else ():
                     # Lower targets than the synchronous bench loss: the fastest synchronous run to each
                     # (longer synchronous runs included) against this run's seed-mean curve.
-                    for goal in lower_targets:
-                        reach = [x for x in sync_rows_at(scale, "", goal) if x["t"] is not None]
-                        ref_g = min(reach, key=lambda x: x["t"]) if reach else None
-                        tt_g = crossing(r["curve"], goal)
-                        t_g = None if tt_g is None else tt_g / BENCH_TOKENS_PER_MICROBATCH * spm
-                        ref_label = "none reaches it" if ref_g is None else f"{ref_g['label']}, M = {ref_g['M']}"
-                        ratio_g = "n/a" if t_g is None or ref_g is None else f"{t_g / ref_g['t']:.2f}x"
-                        lower.append(f"| {K} | {name} | {goal:.2f} | {method} | {_seconds(t_g)} | {ref_label} | "
-                                     f"{_seconds(ref_g['t'] if ref_g else None)} | {ratio_g} |")
-                if budget != BUDGET and r is not None:  # the longer runs seed by seed, against the same reference
-                    ref = ref_t_star if "*" in method else ref_t
-                    for run in sorted(by_key[key], key=lambda x: x["seed"]):
-                        tt_s = crossing(run["curve"], target)
-                        t_s = None if tt_s is None else tt_s / BENCH_TOKENS_PER_MICROBATCH * spm
-                        by_seed.append(f"| {K} | {name} | {method} | {run['seed']} | {run['val_loss']:.4f} | "
-                                       f"{'never' if tt_s is None else f'{tt_s / BENCH_TOKENS_PER_MICROBATCH:,.0f}'} | "
-                                       f"{_seconds(t_s)} | {_seconds(ref)} | "
-                                       f"{'never' if t_s is None or not ref else f'{t_s / ref:.2f}x'} |")
+                    ref_g = fastest_to(sync_rows, goal)
+                    t_g = seconds_to(r["curve"], goal, spm)
+                    ref_label = "none reaches it" if ref_g is None else f"{ref_g[0]['label']}, M = {ref_g[0]['M']}"
+                    ratio_g = "n/a" if t_g is None or ref_g is None else f"{t_g / ref_g[1]:.2f}x"
+                    lower.append(f"| {K} | {name} | {goal:.2f} | {method} | {_seconds(t_g)} | {ref_label} | "
+                                 f"{_seconds(ref_g[1] if ref_g else None)} | {ratio_g} |")
+                ref = ref_t_star if "*" in method else ref_t  # the longer runs seed by seed, against the same reference
+                for run in sorted(by_key[key], key=lambda x: x["seed"]):
+                    tt_s = crossing(run["curve"], target)
+                    t_s = seconds_to(run["curve"], target, spm)
+                    by_seed.append(f"| {K} | {name} | {method} | {run['seed']} | {run['val_loss']:.4f} | "
+                                   f"{'never' if tt_s is None else f'{tt_s / BENCH_TOKENS_PER_MICROBATCH:,.0f}'} | "
+                                   f"{_seconds(t_s)} | {_seconds(ref)} | "
+                                   f"{'never' if t_s is None or not ref else f'{t_s / ref:.2f}x'} |")
         lines.append("")
     if lower:
         lines += ["### Lower targets", "",
@@ -486,8 +497,8 @@ def main(argv: list[str]) -> int:
               *adam_lines]
     (DATA / "tables.md").write_text("\n".join(lines) + "\n")
     page = Path("docs/results/slow_links.md")  # its last section, "## All tables", is these tables
-    if page.is_file() and ALL_TABLES in page.read_text():
-        text = page.read_text()
+    text = page.read_text() if page.is_file() else ""
+    if ALL_TABLES in text:
         page.write_text(text[:text.index(ALL_TABLES) + len(ALL_TABLES)] + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     if plot or adam_plot:

@@ -65,3 +65,16 @@ def test_an_earlier_hosts_runs_are_left_out_where_a_recorded_machine_ran_the_set
             w.writerows(data)
     got = sorted((r["key"][2], r["seed"], r["val_loss"]) for r in slow_links.read_losses())
     assert got == [(4, 1, 2.26), (8, 1, 2.38)]
+
+
+def test_the_fastest_synchronous_row_to_a_goal_weighs_tokens_by_its_seconds_per_microbatch():
+    curve = [(10 * BENCH_TOKENS_PER_MICROBATCH, 2.0), (20 * BENCH_TOKENS_PER_MICROBATCH, 1.0)]
+    slow_few = {"label": "a", "M": 4, "spm": 1.0, "s": {"curve": curve}}
+    fast_many = {"label": "b", "M": 8, "spm": 0.5, "s": {"curve": [(c * 2, v) for c, v in curve]}}  # twice the tokens
+    assert slow_links.seconds_to(curve, 1.5, 1.0) == pytest.approx(15.0)
+    assert slow_links.seconds_to(curve, 0.5, 1.0) is None
+    # 1.2 at 18 microbatches x 1 s for a, at 36 x 0.5 s for b: a tie at 18 s; at 0.4 s per microbatch b wins.
+    _, seconds = slow_links.fastest_to([slow_few, fast_many], 1.2)
+    assert seconds == pytest.approx(18.0)
+    assert slow_links.fastest_to([slow_few, {**fast_many, "spm": 0.4}], 1.2)[0]["label"] == "b"  # 14.4 s
+    assert slow_links.fastest_to([slow_few], 0.5) is None
