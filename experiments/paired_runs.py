@@ -70,10 +70,53 @@ def write_data(folder: Path, runs: list[dict]) -> None:
                         r["wall_time_s"], r.get("machine", ""), r.get("lr", "")])
     with open(folder / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss"])
+        w.writerow(["method", "stages", "seed", "step", "tokens", "val_loss", "lr"])
         for r in runs:
             for e in r["curve"]:
-                w.writerow([r["method"], r["stages"], r["seed"], e["step"], e["tokens"], repr(e["val_loss"])])
+                w.writerow([r["method"], r["stages"], r["seed"], e["step"], e["tokens"], repr(e["val_loss"]),
+                            r.get("lr", "")])
+
+
+def read_data(folder: Path) -> list[dict]:
+    """The runs of folder's data files as write_data wrote them, curves included (none when
+    there are no files). Files written before curves.csv had an lr column give each run the
+    curve rows that follow, in the order of runs.csv, while they name its method, K and seed
+    and their step grows: write_data writes the curves in that order."""
+    if not (folder / "runs.csv").is_file():
+        return []
+    with open(folder / "runs.csv", newline="") as f:
+        runs = [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
+                 "val_loss": float(r["val_loss"]), "updates": int(r["updates"]), "tokens": int(r["tokens"]),
+                 "wall_time_s": float(r["wall_time_s"]), **({"machine": r["machine"]} if r.get("machine") else {}),
+                 **({"lr": float(r["lr"])} if r.get("lr") else {}), "curve": []}
+                for r in csv.DictReader(f)]
+    rows = []
+    if (folder / "curves.csv").is_file():
+        with open(folder / "curves.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    i = 0
+    for run in runs:
+        while i < len(rows):
+            c = rows[i]
+            if (c["method"], int(c["stages"]), int(c["seed"])) != (run["method"], run["stages"], run["seed"]):
+                break
+            if c.get("lr") and float(c["lr"]) != run.get("lr"):
+                break
+            if run["curve"] and int(c["step"]) <= run["curve"][-1]["step"]:
+                break
+            run["curve"].append({"step": int(c["step"]), "tokens": int(c["tokens"]), "val_loss": float(c["val_loss"])})
+            i += 1
+    return runs
+
+
+def merge_data(folder: Path, runs: list[dict]) -> int:
+    """write_data of `runs` and of the runs already in folder's data files that they do not
+    replace (the same method, K, seed and lr): a sweep's run folders are gone after the session
+    that made them, and the runs of a later session must not erase them. Returns the runs kept."""
+    new = {(r["method"], r["stages"], r["seed"], r.get("lr")) for r in runs}
+    kept = [r for r in read_data(folder) if (r["method"], r["stages"], r["seed"], r.get("lr")) not in new]
+    write_data(folder, kept + runs)
+    return len(kept)
 
 
 def read_runs(folder: Path) -> list[dict]:
@@ -137,4 +180,4 @@ def run_sweeps(argv: list[str], description: str, sweeps: dict, command: Callabl
             subprocess.run(command(name, args.jobs), check=True)
         runs = collect(Path(f"runs/{prefix}{name}"), methods(name) if methods else sweeps[name][0])
         if runs:
-            write_data(data / name, runs)
+            merge_data(data / name, runs)

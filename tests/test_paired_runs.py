@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from paired_runs import machine_key, paired, read_runs, unpaired, write_data  # noqa: E402
+from paired_runs import machine_key, merge_data, paired, read_data, read_runs, unpaired, write_data  # noqa: E402
 
 
 def rec(method, seed, loss, machine=None, stages=8):
@@ -61,3 +61,32 @@ def test_data_files_round_trip_with_and_without_machine(tmp_path):
         "AuthenticAMD family 26 model 2 stepping 1 AVX512"
     assert machine_key({"cpu_id": "AuthenticAMD family 25 model 1 stepping 1", "cpu_capability": "AVX2"}) == \
         "AuthenticAMD family 25 model 1 stepping 1 AVX2"
+
+
+def run(seed, lr, loss, steps=(8, 16)):
+    return {"method": "m", "stages": 32, "seed": seed, "val_loss": loss, "updates": 10, "tokens": 640,
+            "wall_time_s": 1.5, "machine": "X", "lr": lr,
+            "curve": [{"step": s, "tokens": 64 * s, "val_loss": loss + 1.0 / s} for s in steps]}
+
+
+def test_a_later_sessions_runs_are_merged_into_the_data_files_not_over_them(tmp_path):
+    # the first session's runs, their run folders gone since: three lrs of one (method, K, seed)
+    first = [run(0, 1e-3, 2.9), run(0, 3e-3, 2.7), run(0, 1e-2, 2.8)]
+    write_data(tmp_path, first)
+    assert read_data(tmp_path) == first
+    # a later session re-runs one of them (it replaces that run) and adds a new lr
+    later = [run(0, 3e-3, 2.65, steps=(8, 16, 24)), run(0, 3e-4, 3.1)]
+    assert merge_data(tmp_path, later) == 2
+    back = {r["lr"]: r for r in read_data(tmp_path)}
+    assert sorted(back) == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert back[3e-3] == later[0] and back[1e-3] == first[0] and back[1e-2] == first[2]
+    assert merge_data(tmp_path / "new", later) == 0 and read_data(tmp_path / "new") == later
+
+
+def test_curves_written_before_they_had_an_lr_column_go_to_their_runs_in_order(tmp_path):
+    runs = [run(0, 1e-3, 2.9), run(0, 3e-3, 2.7), run(1, 3e-3, 2.6, steps=(8,))]
+    write_data(tmp_path, runs)
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    (tmp_path / "curves.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert "lr" not in (tmp_path / "curves.csv").read_text().splitlines()[0]
+    assert read_data(tmp_path) == runs
