@@ -53,6 +53,17 @@ The loss runs (made from a clone of this repository, their run folders under RUN
     # K = 16 at the depths of the three links (D16: the depths of depths.json, ";"-separated)
     pipenag sweep --config $S --methods pipedream:$I8,nesterov:$I8,muon-wp:$I8 --stages 16 --seeds 1 --lrs 3e-3 \
         --no-k1-controls --grid "pipeline.in_flight=$D16" --out RUNS/sl_k16
+    # K = 32 on the other two links (D32: their depths), the link-free K = 16 and 32 rows at the
+    # default depths, muon-wp-ef at K = 16 and 32 (all seed 1, lr 3e-3, --jobs 1, two sweeps at once)
+    pipenag sweep --config $S --methods pipedream:$I8,nesterov:$I8,muon-wp:$I8 --stages 32 --seeds 1 --lrs 3e-3 \
+        --no-k1-controls --grid "pipeline.in_flight=$D32" --out RUNS/sl_k32
+    pipenag sweep --config $S --methods pipedream,nesterov,muon-wp --stages 16 --seeds 1 --lrs 3e-3 \
+        --no-k1-controls --out RUNS/sl_k16none            (and nesterov,muon-wp,muon-wp-ef --stages 32: sl_k32none;
+                                                      muon-wp-ef --stages 16: sl_ef_k16none)
+    pipenag sweep --config $S --methods muon-wp-ef:$I8 --stages 16 --seeds 1 --lrs 3e-3 --no-k1-controls \
+        --grid "pipeline.in_flight=$D16" --out RUNS/sl_ef_k16                         (and --stages 32: sl_ef_k32)
+    pipenag sweep --config $S --methods nesterov:$I8 --stages 8 --seeds 1 --lrs 3e-3 --no-k1-controls \
+        --grid "pipeline.in_flight=15,13,11,9,7,5,3,1;50,43,36,29,22,15,8,1" --out RUNS/sl_k8b
 """
 
 from __future__ import annotations
