@@ -12,7 +12,7 @@ The sweeps write runs/lr_<x>/:
 - tune: half-decades 1e-3, 3e-3, 1e-2 for gpipe, gpipe-muon, pipedream, nesterov, muon,
   muon-wp and muon-wp-ef (the best method of docs/results/convergence.md at K = 8);
 - up: 3e-2 where the best of the grid was 1e-2 (the top edge): muon-wp-ef and pipedream at K = 8;
-- down: 3e-4 where it was 1e-3 (the bottom edge): muon at K = 32.
+- down: 3e-4 where it was 1e-3 (the bottom edge): muon at K = 32, nesterov at K = 8.
 The data files go to docs/results/data/lr_tuning/<x>/; the table marks a best value that is
 still on the edge of what was tried.
 """
@@ -30,7 +30,7 @@ METHODS = ["gpipe", "gpipe-muon", "pipedream", "nesterov", "muon", "muon-wp", "m
 SWEEPS = {
     "tune": (METHODS, "8,32", "0", "1e-3,3e-3,1e-2"),
     "up": (["muon-wp-ef@8", "pipedream@8"], "8,32", "0", "3e-2"),
-    "down": (["muon@32"], "8,32", "0", "3e-4"),
+    "down": (["muon@32", "nesterov@8"], "8,32", "0", "3e-4"),
 }
 
 
