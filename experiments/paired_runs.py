@@ -82,14 +82,9 @@ def read_data(folder: Path) -> list[dict]:
     there are no files). Files written before curves.csv had an lr column give each run the
     curve rows that follow, in the order of runs.csv, while they name its method, K and seed
     and their step grows: write_data writes the curves in that order."""
-    if not (folder / "runs.csv").is_file():
-        return []
-    with open(folder / "runs.csv", newline="") as f:
-        runs = [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
-                 "val_loss": float(r["val_loss"]), "updates": int(r["updates"]), "tokens": int(r["tokens"]),
-                 "wall_time_s": float(r["wall_time_s"]), **({"machine": r["machine"]} if r.get("machine") else {}),
-                 **({"lr": float(r["lr"])} if r.get("lr") else {}), "curve": []}
-                for r in csv.DictReader(f)]
+    runs = read_runs(folder, full=True)
+    for run in runs:
+        run["curve"] = []
     rows = []
     if (folder / "curves.csv").is_file():
         with open(folder / "curves.csv", newline="") as f:
@@ -119,15 +114,19 @@ def merge_data(folder: Path, runs: list[dict]) -> int:
     return len(kept)
 
 
-def read_runs(folder: Path) -> list[dict]:
+def read_runs(folder: Path, full: bool = False) -> list[dict]:
     """The runs of folder/runs.csv (none when the sweep has not written it yet), with their
-    machine and lr when the file names them (files written before did not)."""
+    machine and lr when the file names them (files written before did not); with `full`, also
+    their updates, tokens and wall time (read_data)."""
     path = folder / "runs.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         return [{"method": r["method"], "stages": int(r["stages"]), "seed": int(r["seed"]),
-                 "val_loss": float(r["val_loss"]), **({"machine": r["machine"]} if r.get("machine") else {}),
+                 "val_loss": float(r["val_loss"]),
+                 **({"updates": int(r["updates"]), "tokens": int(r["tokens"]),
+                     "wall_time_s": float(r["wall_time_s"])} if full else {}),
+                 **({"machine": r["machine"]} if r.get("machine") else {}),
                  **({"lr": float(r["lr"])} if r.get("lr") else {})}
                 for r in csv.DictReader(f)]
 
