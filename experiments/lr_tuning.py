@@ -16,16 +16,21 @@ The sweeps write runs/lr_<x>/:
 - sync: gpipe-muon at 1e-2, 3e-2 and 1e-1 (Muon's lr sits a decade above AdamW's: on seed 1,
   docs/results/slow_links.md found 3e-2 best and 1e-1 worse);
 - seed1, seed1n: a second seed (1) where the optimum at K = 8 moved off the convergence
-  benchmark's 3e-3: pipedream and muon-wp-ef at 1e-2, nesterov at 1e-3. Their seed-1 runs at
-  3e-3 are not run again: run_length.py (2k) and corrections.py (k8w) made them, same config,
-  same machine kind (SECOND_SEED_BASE).
+  benchmark's 3e-3: pipedream and muon-wp-ef at 1e-2, nesterov at 1e-3;
+- warmup: optim.warmup_fraction 0.02 and 0.2 (default 0.06) for muon-wp and pipedream at K = 32;
+- seeds23, seeds23n: seeds 2 and 3 at those K = 8 lrs, for a 3-seed table at the tuned lr.
+The runs at 3e-3 on seeds 1-3 that the last tables compare with are not run again:
+compression.py (k8), corrections.py (k8w) and run_length.py (2k) made them, same config, same
+numerics (BASE_3E3).
 The data files go to docs/results/data/lr_tuning/<x>/; the table (seed 0) marks a best value
-that is still on the edge of what was tried; the second table says whether seed 1 agrees.
+that is still on the edge of what was tried; the next tables say whether seed 1 agrees, what
+the warm-up does at K = 32, and what the tuned lr gives over seeds 1-3, paired by seed.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -80,8 +85,22 @@ def table(records: list[dict]) -> list[str]:
 
 
 # The seed-1 runs at 3e-3 on configs/bench.toml that other experiments made: (data folder, methods)
-SECOND_SEED_BASE = [(Path("docs/results/data/run_length/2k"), ["pipedream", "nesterov"]),
-                    (Path("docs/results/data/corrections/k8w"), ["muon-wp-ef"])]
+BASE_3E3 = [(Path("docs/results/data/run_length/2k"), {"pipedream": "pipedream", "nesterov": "nesterov"}),
+            (Path("docs/results/data/corrections/k8w"), {"muon-wp-ef": "muon-wp-ef"}),
+            (Path("docs/results/data/compression/k8"), {
+                f"{m}:link.compress_activations=none:link.compress_gradients=none": m for m in ("pipedream", "nesterov")})]
+
+
+def base_runs() -> list[dict]:
+    """The runs of BASE_3E3 under their plain method names, lr 3e-3, one per (method, K, seed)
+    (the same run made by two experiments is the same number, bit for bit)."""
+    out = {}
+    for folder, names in BASE_3E3:
+        for r in read_runs(folder):
+            if r["method"] in names:
+                r = dict(r, method=names[r["method"]], lr=3e-3)
+                out.setdefault((r["method"], r["stages"], r["seed"]), r)
+    return list(out.values())
 
 
 FLAT = 0.01  # a loss difference this small between two lrs is within the matrix optimizers' seed spread
@@ -104,6 +123,27 @@ def second_seed(records: list[dict], base: list[dict]) -> list[str]:
         chosen = f"{best0:g}" if r["lr"] == best0 else f"{best0:g} (run at {r['lr']:g})"
         lines.append(f"| {r['method']} | {r['stages']} | {chosen} | {at_3e3[0]:.4f} | {r['val_loss']:.4f} | "
                      f"{diff:+.4f} | {verdict} |")
+    return lines
+
+
+def tuned_table(records: list[dict], base: list[dict]) -> list[str]:
+    """The reported seeds (1-3) at a tuned lr other than 3e-3 against the same seeds at 3e-3
+    (`base`), paired by seed: mean losses and the mean paired difference +- its s.e."""
+    at_3e3 = {(r["method"], r["stages"], r["seed"]): r["val_loss"] for r in base}
+    groups: dict[tuple, list[tuple[int, float, float]]] = {}
+    for r in records:
+        key = (r["method"], r["stages"], r["seed"])
+        if r["seed"] > 0 and r["lr"] != 3e-3 and key in at_3e3 and r["method"] in METHODS:
+            groups.setdefault((r["method"], r["stages"], r["lr"]), []).append((r["seed"], at_3e3[key], r["val_loss"]))
+    lines = ["| method | K | lr | seeds | loss at 3e-3 | loss at lr | paired difference +- s.e. |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, K, lr), rows in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1:])):
+        rows.sort()
+        diffs = [v - b for _, b, v in rows]
+        se = f" +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f}" if len(diffs) > 1 else ""
+        lines.append(f"| {method} | {K} | {lr:g} | {','.join(str(s) for s, _, _ in rows)} | "
+                     f"{statistics.fmean(b for _, b, _ in rows):.4f} | {statistics.fmean(v for _, _, v in rows):.4f} | "
+                     f"{statistics.fmean(diffs):+.4f}{se} |")
     return lines
 
 
@@ -134,9 +174,10 @@ def main(argv: list[str]) -> int:
                methods=labels)
     records = [r for name in SWEEPS for r in read_runs(DATA / name)]
     print("\n".join(table([r for r in records if r["seed"] == 0])))
-    base = [r for folder, methods in SECOND_SEED_BASE for r in read_runs(folder) if r["method"] in methods]
+    base = base_runs()
     print("\nThe second seed:\n" + "\n".join(second_seed(records, base)))
     print("\nThe warm-up at K = 32:\n" + "\n".join(warmup_table(records)))
+    print("\nSeeds 1-3 at the tuned lr, against 3e-3:\n" + "\n".join(tuned_table(records, base)))
     return 0
 
 

@@ -52,3 +52,20 @@ def test_the_warm_up_table_sets_the_default_fraction_beside_the_sweeps_overrides
     assert lines[0] == "| method | K | warm-up 0.02 | warm-up 0.06 | warm-up 0.2 | best |"
     assert row(lines, "muon-wp", 32) == ["muon-wp", "32", "2.4700", "2.4300", "2.4100", "0.2"]
     assert len(lines) == 3
+
+
+def test_the_tuned_lr_is_paired_by_seed_with_the_runs_at_3e3():
+    import statistics
+
+    from lr_tuning import tuned_table
+
+    base = [rec("pipedream", 8, s, 3e-3, loss) for s, loss in [(1, 2.65), (2, 2.47), (3, 2.63)]]
+    records = [rec("pipedream", 8, s, 1e-2, loss) for s, loss in [(1, 2.58), (2, 2.50), (3, 2.55)]]
+    records.append(rec("pipedream", 8, 0, 1e-2, 2.0))  # the tuning seed: not a reported seed
+    records.append(rec("pipedream", 8, 4, 1e-2, 2.0))  # no run at 3e-3 to pair with
+    lines = tuned_table(records, base)
+    assert len(lines) == 3
+    cells = row(lines, "pipedream", 8)
+    diffs = [2.58 - 2.65, 2.50 - 2.47, 2.55 - 2.63]
+    assert cells[2:6] == ["0.01", "1,2,3", f"{(2.65 + 2.47 + 2.63) / 3:.4f}", f"{(2.58 + 2.50 + 2.55) / 3:.4f}"]
+    assert cells[6] == f"{statistics.fmean(diffs):+.4f} +- {statistics.stdev(diffs) / 3 ** 0.5:.4f}"
