@@ -13,7 +13,10 @@ the length:
 - 8k: the same, 8,000 microbatches (evaluated every 320), seed 1;
 - 2k23, 8k23: the same for seeds 2 and 3;
 - 2k32, 8k32: the same methods at K = 32, seed 1, without K = 1 controls of their own (those of
-  2k and 8k serve: the same method, seed, length and machine).
+  2k and 8k serve: the same method, seed, length and machine);
+- 2k32ef, 8k32ef: muon-wp-ef (the best method at K = 32 in docs/results/slow_links.md) at
+  K = 32, seed 1: no K = 1 control (error feedback changes the update at K = 1 too), so it
+  enters the comparison with the synchronous reference only.
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -21,26 +24,30 @@ seed and length). Both lengths run on the same machine: runs on two CPUs differ
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 import sys
 from pathlib import Path
 
-from paired_runs import read_runs, run_sweeps
+from paired_runs import read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
+EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
 STAGES = (8, 32)
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
-# name -> (length, seeds, K, with K = 1 controls)
-SWEEPS = {"2k": ("2k", "1", 8, True), "8k": ("8k", "1", 8, True), "2k23": ("2k", "2,3", 8, True),
-          "8k23": ("8k", "2,3", 8, True), "2k32": ("2k", "1", 32, False), "8k32": ("8k", "1", 32, False)}
+# name -> (length, seeds, K, with K = 1 controls, methods)
+SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
+          "2k23": ("2k", "2,3", 8, True, METHODS), "8k23": ("8k", "2,3", 8, True, METHODS),
+          "2k32": ("2k", "1", 32, False, METHODS), "8k32": ("8k", "1", 32, False, METHODS),
+          "2k32ef": ("2k", "1", 32, False, EF), "8k32ef": ("8k", "1", 32, False, EF)}
 DATA = Path("docs/results/data/run_length")
 
 
 def command(name: str, jobs: int) -> list[str]:
-    length, seeds, stages, controls = SWEEPS[name]
+    length, seeds, stages, controls, methods = SWEEPS[name]
     budget, every = LENGTH[length]
-    return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(METHODS),
+    return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(methods),
             "--stages", str(stages), "--seeds", seeds, "--lrs", "3e-3", "--jobs", str(jobs),
             "--out", f"runs/run_length_{name}", f"--train.microbatch_budget={budget}", f"--train.eval_every={every}",
             f"--train.log_every={every * 5}"] + ([] if controls else ["--no-k1-controls"])
@@ -116,10 +123,68 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+SYNC = Path("docs/results/data/slow_links")  # where the best synchronous schedule's runs are
+TOKENS_PER_MICROBATCH = 8 * 64  # configs/bench.toml: 8 sequences of 64 tokens
+
+
+def sync_reference(runs: list[dict], curves: list[dict]) -> dict[tuple[int, int], tuple[float, list[tuple[int, float]]]]:
+    """(seed, microbatches) -> the final loss and the curve [(microbatch, loss)] of the best
+    synchronous schedule of this regime, gpipe-muon at M = 4 and lr 3e-2 without a codec
+    (docs/results/slow_links.md tuned it), from the rows of SYNC's runs.csv and curves.csv; two
+    runs for one key must agree."""
+    def ours(r: dict) -> bool:
+        return (r["method"], r["M"], r["codec"], float(r["lr"])) == ("gpipe-muon", "4", "none", 3e-2)
+
+    out: dict[tuple[int, int], tuple[float, list[tuple[int, float]]]] = {}
+    for r in filter(ours, runs):
+        key = (int(r["seed"]), int(r["budget"]) // TOKENS_PER_MICROBATCH)
+        curve = sorted({(int(c["tokens"]) // TOKENS_PER_MICROBATCH, float(c["val_loss"])) for c in curves
+                        if ours(c) and (int(c["seed"]), int(c["budget"]) // TOKENS_PER_MICROBATCH) == key})
+        loss = float(r["val_loss"])
+        if out.setdefault(key, (loss, curve))[0] != loss:
+            raise ValueError(f"{SYNC}: two synchronous runs for seed {key[0]}, {key[1]} microbatches differ")
+    return out
+
+
+def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated microbatch whose validation loss is at or below target."""
+    return next((mb for mb, loss in curve if loss <= target), None)
+
+
+def sync_table(runs: list[dict], sync: dict) -> list[str]:
+    """Every run against the best synchronous schedule at its seed: the gap at the same run
+    length, and the first evaluation (microbatch) at which it reaches the synchronous loss of the
+    shortest run (the project's target: at most 1.1x the synchronous tokens at K = 32). The last
+    column divides that microbatch by the one at which the synchronous run of the same length
+    reaches the same loss: both curves then come from the same cosine schedule, mid-way."""
+    short = LENGTH["2k"][0]
+    lines = ["| method | K | microbatches | seed | loss | synchronous loss | gap | reaches the synchronous "
+             f"{short:,}-microbatch loss at | synchronous run of this length reaches it at | token ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["stages"], (METHODS + EF).index(r["method"]), r["updates"], r["seed"])):
+        n = r["updates"]
+        if (r["seed"], n) not in sync or (r["seed"], short) not in sync:
+            continue
+        ref, ref_curve = sync[(r["seed"], n)]
+        target = sync[(r["seed"], short)][0]
+        reached = first_reach([(c["step"], c["val_loss"]) for c in r["curve"]], target)
+        ref_reached = first_reach(ref_curve, target)
+        ratio = (f"{reached / ref_reached:.2f}x" if reached and ref_reached else
+                 f"> {n / ref_reached:.2f}x" if ref_reached else "")
+        lines.append(f"| {r['method']} | {r['stages']} | {n:,} | {r['seed']} | {r['val_loss']:.4f} | {ref:.4f} | "
+                     f"{r['val_loss'] - ref:+.4f} | {f'{reached:,}' if reached else 'not reached'} | "
+                     f"{f'{ref_reached:,}' if ref_reached else ''} | {ratio} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
-    run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: METHODS)
+    run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: SWEEPS[name][4])
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
     print("\n".join(table(records)))
+    with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
+        sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
+    print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
+    print("\n".join(sync_table([r for name in SWEEPS for r in read_data(DATA / name)], sync)))
     if records:
         plot(records, Path("docs/results/run_length.png"))
     return 0

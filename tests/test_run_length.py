@@ -1,0 +1,44 @@
+"""The comparison of experiments/run_length.py with the best synchronous schedule: which runs
+are the reference, and the microbatch at which a curve reaches the synchronous loss."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from run_length import first_reach, sync_reference, sync_table  # noqa: E402
+
+
+def sync_row(seed, budget_mb, loss, method="gpipe-muon", M="4", codec="none", lr="0.03"):
+    return {"method": method, "M": M, "codec": codec, "lr": lr, "seed": str(seed), "budget": str(budget_mb * 512),
+            "val_loss": str(loss)}
+
+
+def curve_rows(seed, budget_mb, points, **kw):
+    return [dict(sync_row(seed, budget_mb, loss, **kw), tokens=str(mb * 512)) for mb, loss in points]
+
+
+def test_only_gpipe_muon_at_m4_lr_3e2_without_a_codec_is_the_reference():
+    runs = [sync_row(1, 2000, 1.79), sync_row(1, 8000, 1.42), sync_row(1, 2000, 1.5, codec="int8"),
+            sync_row(1, 2000, 1.5, M="8"), sync_row(1, 2000, 1.5, lr="0.01"), sync_row(1, 2000, 1.5, method="gpipe")]
+    curves = curve_rows(1, 8000, [(2000, 1.9), (2400, 1.7), (8000, 1.42)]) + curve_rows(1, 8000, [(400, 1.0)], codec="int8")
+    ref = sync_reference(runs, curves)
+    assert set(ref) == {(1, 2000), (1, 8000)}
+    assert ref[(1, 2000)] == (1.79, [])
+    assert ref[(1, 8000)] == (1.42, [(2000, 1.9), (2400, 1.7), (8000, 1.42)])
+    with pytest.raises(ValueError, match="differ"):
+        sync_reference(runs + [sync_row(1, 2000, 1.80)], curves)
+
+
+def test_first_reach_and_the_token_ratio_against_the_synchronous_run_of_the_same_length():
+    assert first_reach([(80, 3.0), (160, 2.0), (240, 1.0)], 2.0) == 160
+    assert first_reach([(80, 3.0)], 2.0) is None
+    sync = {(1, 2000): (1.8, [(2000, 1.8)]), (1, 8000): (1.4, [(2000, 1.9), (2400, 1.75), (8000, 1.4)])}
+    run = {"method": "muon-wp", "stages": 8, "seed": 1, "updates": 8000, "val_loss": 1.5,
+           "curve": [{"step": s, "val_loss": v} for s, v in [(2400, 1.85), (3000, 1.79), (8000, 1.5)]]}
+    never = dict(run, curve=[{"step": 8000, "val_loss": 1.81}], val_loss=1.81)
+    lines = sync_table([run, never, dict(run, seed=2)], sync)  # seed 2: no reference, no row
+    assert len(lines) == 4
+    assert lines[2].split("|")[5:11] == [" 1.5000 ", " 1.4000 ", " +0.1000 ", " 3,000 ", " 2,400 ", " 1.25x "]
+    assert lines[3].split("|")[8:11] == [" not reached ", " 2,400 ", " > 3.33x "]
