@@ -15,6 +15,7 @@ The sweeps write runs/lr_<x>/:
 - down: 3e-4 where it was 1e-3 (the bottom edge): muon at K = 32, nesterov at K = 8;
 - sync: gpipe at 1e-3, 3e-3 and 1e-2; syncm: gpipe-muon at 1e-2, 3e-2 and 1e-1 (Muon's lr at
   M = 4 sits a decade above AdamW's: on seed 1, docs/results/slow_links.md found 3e-2 best);
+  syncup: gpipe at 3e-2 (1e-2 was the top edge on seed 0);
 - seed1, seed1n: a second seed (1) where the optimum at K = 8 moved off the convergence
   benchmark's 3e-3: pipedream and muon-wp-ef at 1e-2, nesterov at 1e-3;
 - warmup: optim.warmup_fraction 0.02 and 0.2 (default 0.06) for muon-wp and pipedream at K = 32;
@@ -44,6 +45,7 @@ SWEEPS = {
     "down": (["muon@32", "nesterov@8"], "8,32", "0", "3e-4"),
     "sync": (["gpipe"], "8", "0", "1e-3,3e-3,1e-2"),
     "syncm": (["gpipe-muon"], "8", "0", "1e-2,3e-2,1e-1"),
+    "syncup": (["gpipe"], "8", "0", "3e-2"),
     "seed1": (["pipedream@8", "muon-wp-ef@8"], "8,32", "1", "1e-2"),
     "seed1n": (["nesterov@8"], "8,32", "1", "1e-3"),
     "warmup": ([f"{m}:optim.warmup_fraction={w}" for m in ("muon-wp", "pipedream") for w in (0.2, 0.02)], "32", "0",
