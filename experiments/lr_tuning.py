@@ -19,6 +19,7 @@ The sweeps write runs/lr_<x>/:
 - seed1, seed1n: a second seed (1) where the optimum at K = 8 moved off the convergence
   benchmark's 3e-3: pipedream and muon-wp-ef at 1e-2, nesterov at 1e-3;
 - warmup: optim.warmup_fraction 0.02 and 0.2 (default 0.06) for muon-wp and pipedream at K = 32;
+  warmup2: pipedream without warm-up (0.02 was its edge) and nesterov at 0.02;
 - seeds23, seeds23n: seeds 2 and 3 at those K = 8 lrs, for a 3-seed table at the tuned lr.
 The runs at 3e-3 on seeds 1-3 that the last tables compare with are not run again:
 compression.py (k8), corrections.py (k8w) and run_length.py (2k) made them, same config, same
@@ -50,6 +51,7 @@ SWEEPS = {
     "seed1n": (["nesterov@8"], "8,32", "1", "1e-3"),
     "warmup": ([f"{m}:optim.warmup_fraction={w}" for m in ("muon-wp", "pipedream") for w in (0.2, 0.02)], "32", "0",
                "3e-3"),
+    "warmup2": (["pipedream:optim.warmup_fraction=0.0", "nesterov:optim.warmup_fraction=0.02"], "32", "0", "3e-3"),
     "seeds23": (["pipedream@8", "muon-wp-ef@8"], "8,32", "2,3", "1e-2"),
     "seeds23n": (["nesterov@8"], "8,32", "2,3", "1e-3"),
 }
