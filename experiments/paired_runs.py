@@ -107,11 +107,17 @@ def read_data(folder: Path) -> list[dict]:
 def merge_data(folder: Path, runs: list[dict]) -> int:
     """write_data of `runs` and of the runs already in folder's data files that they do not
     replace (the same method, K, seed and lr): a sweep's run folders are gone after the session
-    that made them, and the runs of a later session must not erase them. Returns the runs kept."""
-    new = {(r["method"], r["stages"], r["seed"], r.get("lr")) for r in runs}
-    kept = [r for r in read_data(folder) if (r["method"], r["stages"], r["seed"], r.get("lr")) not in new]
-    write_data(folder, kept + runs)
-    return len(kept)
+    that made them, and the runs of a later session must not erase them. A run keeps its place
+    in the files when it is made again (so that reading the table does not reorder them); new
+    runs go last. Returns the runs kept."""
+    def key(r: dict) -> tuple:
+        return r["method"], r["stages"], r["seed"], r.get("lr")
+
+    replacing = {key(r): r for r in runs}
+    old = read_data(folder)
+    merged = [replacing.pop(key(r), r) for r in old]
+    write_data(folder, merged + [r for r in runs if key(r) in replacing])
+    return len(old) - (len(runs) - len(replacing))
 
 
 def read_runs(folder: Path, full: bool = False) -> list[dict]:

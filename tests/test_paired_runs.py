@@ -90,3 +90,13 @@ def test_curves_written_before_they_had_an_lr_column_go_to_their_runs_in_order(t
     (tmp_path / "curves.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
     assert "lr" not in (tmp_path / "curves.csv").read_text().splitlines()[0]
     assert read_data(tmp_path) == runs
+
+
+def test_a_run_made_again_keeps_its_place_in_the_data_files(tmp_path):
+    first = [run(0, 1e-3, 2.9), run(0, 3e-3, 2.7), run(0, 1e-2, 2.8)]
+    write_data(tmp_path, first)
+    again = [run(0, 1e-2, 2.8), run(0, 1e-3, 2.9)]  # the same runs, collected in another order
+    assert merge_data(tmp_path, again) == 1
+    assert read_data(tmp_path) == first
+    assert merge_data(tmp_path, [run(0, 3e-4, 3.1), run(0, 3e-3, 2.6)]) == 2
+    assert [r["lr"] for r in read_data(tmp_path)] == [1e-3, 3e-3, 1e-2, 3e-4]
