@@ -181,7 +181,7 @@ class Sender:
         try:
             self._works.append(dist.isend(tensor, self.dst, group=self.group, tag=tag))
         except RuntimeError as e:  # the connection is already gone
-            raise PeerFailure(f"stage {self.stage_idx}: sending to stage {self.peer_stage} failed "
+            raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage}: sending to it failed "
                               f"({short_error(e)})", self.peer_stage) from None
         while len(self._works) > self.max_pending:
             self._wait_one()
@@ -191,7 +191,8 @@ class Sender:
         try:
             _wait(work, self.timeout_s)
         except RuntimeError as e:
-            raise PeerFailure(f"stage {self.stage_idx}: sending to stage {self.peer_stage} failed "
+            # A sender that notices first names the lost peer as a receiver does (docs/dist.md).
+            raise PeerFailure(f"stage {self.stage_idx}: lost stage {self.peer_stage}: sending to it failed "
                               f"({short_error(e)})", self.peer_stage) from None
 
     def _release_loop(self) -> None:
