@@ -20,7 +20,8 @@ The sweeps write runs/lr_<x>/:
   benchmark's 3e-3: pipedream and muon-wp-ef at 1e-2, nesterov at 1e-3;
 - warmup: optim.warmup_fraction 0.02 and 0.2 (default 0.06) for muon-wp and pipedream at K = 32;
   warmup2: pipedream without warm-up (0.02 was its edge) and nesterov at 0.02;
-- seeds23, seeds23n: seeds 2 and 3 at those K = 8 lrs, for a 3-seed table at the tuned lr.
+- seeds23, seeds23n: seeds 2 and 3 at those K = 8 lrs, for a 3-seed table at the tuned lr;
+- k1n, k1ef: their K = 1 controls at those lrs (seeds 1-3), for the delay penalty at the tuned lr.
 The runs at 3e-3 on seeds 1-3 that the last tables compare with are not run again:
 compression.py (k8), corrections.py (k8w) and run_length.py (2k) made them, same config, same
 numerics (BASE_3E3).
@@ -54,6 +55,8 @@ SWEEPS = {
     "warmup2": (["pipedream:optim.warmup_fraction=0.0", "nesterov:optim.warmup_fraction=0.02"], "32", "0", "3e-3"),
     "seeds23": (["pipedream@8", "muon-wp-ef@8"], "8,32", "2,3", "1e-2"),
     "seeds23n": (["nesterov@8"], "8,32", "2,3", "1e-3"),
+    "k1n": (["nesterov"], "1", "1,2,3", "1e-3"),
+    "k1ef": (["muon-wp-ef"], "1", "1,2,3", "1e-2"),
 }
 
 
@@ -152,6 +155,22 @@ def tuned_table(records: list[dict], base: list[dict]) -> list[str]:
     return lines
 
 
+def penalty_table(records: list[dict]) -> list[str]:
+    """The delay penalty at the tuned lr: loss at K minus the K = 1 control's, same method, lr
+    and seed (seeds 1-3), mean +- the s.e. of the paired differences."""
+    loss = {(r["method"], r["stages"], r["seed"], r["lr"]): r["val_loss"] for r in records if r["seed"] > 0}
+    groups: dict[tuple, list[float]] = {}
+    for (method, K, seed, lr), value in sorted(loss.items()):
+        control = loss.get((method, 1, seed, lr))
+        if K > 1 and control is not None:
+            groups.setdefault((method, K, lr), []).append(value - control)
+    lines = ["| method | K | lr | seeds | delay penalty (mean +- s.e.) |", "|---|---|---|---|---|"]
+    for (method, K, lr), diffs in groups.items():
+        se = f" +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f}" if len(diffs) > 1 else ""
+        lines.append(f"| {method} | {K} | {lr:g} | {len(diffs)} | {statistics.fmean(diffs):+.4f}{se} |")
+    return lines
+
+
 WARMUP_DEFAULT = 0.06  # optim.warmup_fraction of configs/bench.toml (the config's default)
 
 
@@ -183,6 +202,7 @@ def main(argv: list[str]) -> int:
     print("\nThe second seed:\n" + "\n".join(second_seed(records, base)))
     print("\nThe warm-up at K = 32:\n" + "\n".join(warmup_table(records)))
     print("\nSeeds 1-3 at the tuned lr, against 3e-3:\n" + "\n".join(tuned_table(records, base)))
+    print("\nThe delay penalty at the tuned lr:\n" + "\n".join(penalty_table(records)))
     return 0
 
 

@@ -69,3 +69,18 @@ def test_the_tuned_lr_is_paired_by_seed_with_the_runs_at_3e3():
     diffs = [2.58 - 2.65, 2.50 - 2.47, 2.55 - 2.63]
     assert cells[2:6] == ["0.01", "1,2,3", f"{(2.65 + 2.47 + 2.63) / 3:.4f}", f"{(2.58 + 2.50 + 2.55) / 3:.4f}"]
     assert cells[6] == f"{statistics.fmean(diffs):+.4f} +- {statistics.stdev(diffs) / 3 ** 0.5:.4f}"
+
+
+def test_the_penalty_at_the_tuned_lr_pairs_each_seed_with_its_own_k1_control():
+    import statistics
+
+    from lr_tuning import penalty_table
+
+    records = [rec("nesterov", 8, s, 1e-3, v) for s, v in [(1, 2.35), (2, 2.35), (3, 2.24)]]
+    records += [rec("nesterov", 1, s, 1e-3, v) for s, v in [(1, 2.05), (2, 2.10), (3, 2.04)]]
+    records += [rec("nesterov", 1, 1, 3e-3, 1.0), rec("nesterov", 8, 0, 1e-3, 9.0), rec("nesterov", 1, 0, 1e-3, 0.0)]
+    lines = penalty_table(records)
+    assert len(lines) == 3  # another lr's control and the tuning seed are not paired
+    diffs = [0.30, 0.25, 0.20]
+    assert row(lines, "nesterov", 8) == ["nesterov", "8", "0.001", "3",
+                                         f"{statistics.fmean(diffs):+.4f} +- {statistics.stdev(diffs) / 3 ** 0.5:.4f}"]
