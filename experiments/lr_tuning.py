@@ -32,12 +32,11 @@ the warm-up does at K = 32, and what the tuned lr gives over seeds 1-3, paired b
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from pathlib import Path
 
-from paired_runs import read_runs, run_sweeps
+from paired_runs import best_of, mean_se, read_runs, run_sweeps
 
 DATA = Path("docs/results/data/lr_tuning")
 METHODS = ["gpipe", "gpipe-muon", "pipedream", "nesterov", "muon", "muon-wp", "muon-wp-ef"]
@@ -81,9 +80,8 @@ def table(records: list[dict]) -> list[str]:
     for method in METHODS:
         for K in sorted({r["stages"] for r in records if r["method"] == method}):
             losses = {r["lr"]: r["val_loss"] for r in records if r["method"] == method and r["stages"] == K}
-            scored = {lr: (v if math.isfinite(v) else math.inf) for lr, v in losses.items()}
-            best = min(scored, key=scored.get)
-            tried = sorted(scored)
+            best = best_of(losses)
+            tried = sorted(losses)
             interior = tried[0] < best < tried[-1]
             cells = [(f"**{losses[lr]:.4f}**" if lr == best else f"{losses[lr]:.4f}") if lr in losses else ""
                      for lr in lrs]
@@ -125,7 +123,7 @@ def second_seed(records: list[dict], base: list[dict]) -> list[str]:
         tried = {x["lr"]: x["val_loss"] for x in seed0 if (x["method"], x["stages"]) == (r["method"], r["stages"])}
         if not at_3e3 or not tried:
             continue
-        best0 = min(tried, key=lambda lr: tried[lr] if math.isfinite(tried[lr]) else math.inf)
+        best0 = best_of(tried)
         diff = r["val_loss"] - at_3e3[0]
         verdict = "yes" if diff < -FLAT else "no: 3e-3 is better" if diff > FLAT else f"flat (within {FLAT})"
         chosen = f"{best0:g}" if r["lr"] == best0 else f"{best0:g} (run at {r['lr']:g})"
@@ -147,11 +145,9 @@ def tuned_table(records: list[dict], base: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for (method, K, lr), rows in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1:])):
         rows.sort()
-        diffs = [v - b for _, b, v in rows]
-        se = f" +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f}" if len(diffs) > 1 else ""
         lines.append(f"| {method} | {K} | {lr:g} | {','.join(str(s) for s, _, _ in rows)} | "
                      f"{statistics.fmean(b for _, b, _ in rows):.4f} | {statistics.fmean(v for _, _, v in rows):.4f} | "
-                     f"{statistics.fmean(diffs):+.4f}{se} |")
+                     f"{mean_se([v - b for _, b, v in rows])} |")
     return lines
 
 
@@ -166,8 +162,7 @@ def penalty_table(records: list[dict]) -> list[str]:
             groups.setdefault((method, K, lr), []).append(value - control)
     lines = ["| method | K | lr | seeds | delay penalty (mean +- s.e.) |", "|---|---|---|---|---|"]
     for (method, K, lr), diffs in groups.items():
-        se = f" +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f}" if len(diffs) > 1 else ""
-        lines.append(f"| {method} | {K} | {lr:g} | {len(diffs)} | {statistics.fmean(diffs):+.4f}{se} |")
+        lines.append(f"| {method} | {K} | {lr:g} | {len(diffs)} | {mean_se(diffs)} |")
     return lines
 
 
@@ -187,7 +182,7 @@ def warmup_table(records: list[dict]) -> list[str]:
     lines = ["| method | K | " + " | ".join(f"warm-up {w:g}" for w in fractions) + " | best |",
              "|---|---|" + "---|" * len(fractions) + "---|"]
     for method, losses in by.items():
-        best = min(losses, key=lambda w: losses[w] if math.isfinite(losses[w]) else math.inf)
+        best = best_of(losses)
         lines.append(f"| {method} | 32 | " + " | ".join(f"{losses[w]:.4f}" if w in losses else "" for w in fractions)
                      + f" | {best:g} |")
     return lines

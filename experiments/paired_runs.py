@@ -137,6 +137,18 @@ def read_runs(folder: Path, full: bool = False) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
+def mean_se(values: list[float]) -> str:
+    """"+m" for one value, "+m +- s.e." (the standard error of the mean) for more."""
+    if len(values) == 1:
+        return f"{values[0]:+.4f}"
+    return f"{statistics.fmean(values):+.4f} +- {statistics.stdev(values) / math.sqrt(len(values)):.4f}"
+
+
+def best_of(losses: dict) -> object:
+    """The key with the lowest loss; a diverged run (nan or inf) counts as infinitely bad."""
+    return min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
+
+
 def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, float, float, float, float] | None:
     """(pairs, mean loss of base, mean loss of method, mean difference, its standard error) over
     the seeds that both have at this K on the same machine (a record's optional "machine"; runs

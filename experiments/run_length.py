@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from paired_runs import read_data, read_runs, run_sweeps
+from paired_runs import mean_se, read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
@@ -62,12 +62,6 @@ def penalties(records: list[dict], K: int = 8) -> dict[tuple[str, str], list[tup
         if stages == K and control is not None:
             out.setdefault((method, length), []).append((seed, value, value - control))
     return out
-
-
-def mean_se(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.4f}"
-    return f"{statistics.fmean(values):+.4f} +- {statistics.stdev(values) / math.sqrt(len(values)):.4f}"
 
 
 def table(records: list[dict]) -> list[str]:
