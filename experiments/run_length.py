@@ -16,7 +16,11 @@ the length:
   2k and 8k serve: the same method, seed, length and machine);
 - 2k32ef, 8k32ef: muon-wp-ef (the best method at K = 32 in docs/results/slow_links.md) at
   K = 32, seed 1: no K = 1 control (error feedback changes the update at K = 1 too), so it
-  enters the comparison with the synchronous reference only.
+  enters the comparison with the synchronous reference only;
+- 2k32s23, 8k32s23: muon-wp (the closest method to the target) at K = 32 and K = 1, seeds 2 and 3;
+- 8ksync: the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2, evaluated every 160
+  microbatches) for 8,000 microbatches, seeds 2 and 3 (seed 1's run, and every seed's run of
+  2,000, are in docs/results/data/slow_links).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -34,21 +38,28 @@ from paired_runs import mean_se, read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
+SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
 # name -> (length, seeds, K, with K = 1 controls, methods)
 SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
           "2k23": ("2k", "2,3", 8, True, METHODS), "8k23": ("8k", "2,3", 8, True, METHODS),
           "2k32": ("2k", "1", 32, False, METHODS), "8k32": ("8k", "1", 32, False, METHODS),
-          "2k32ef": ("2k", "1", 32, False, EF), "8k32ef": ("8k", "1", 32, False, EF)}
+          "2k32ef": ("2k", "1", 32, False, EF), "8k32ef": ("8k", "1", 32, False, EF),
+          "2k32s23": ("2k", "2,3", 32, True, ["muon-wp"]), "8k32s23": ("8k", "2,3", 32, True, ["muon-wp"]),
+          "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD])}
 DATA = Path("docs/results/data/run_length")
 
 
 def command(name: str, jobs: int) -> list[str]:
     length, seeds, stages, controls, methods = SWEEPS[name]
     budget, every = LENGTH[length]
+    sync = methods == [SYNC_METHOD]
+    if sync:  # evaluated as often as seed 1's run in docs/results/data/slow_links (every 160)
+        every //= 2
     return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(methods),
-            "--stages", str(stages), "--seeds", seeds, "--lrs", "3e-3", "--jobs", str(jobs),
+            "--stages", str(stages), "--seeds", seeds, "--lrs", str(SYNC_LR) if sync else "3e-3",
+            "--jobs", str(jobs),
             "--out", f"runs/run_length_{name}", f"--train.microbatch_budget={budget}", f"--train.eval_every={every}",
             f"--train.log_every={every * 5}"] + ([] if controls else ["--no-k1-controls"])
 
@@ -140,9 +151,39 @@ def sync_reference(runs: list[dict], curves: list[dict]) -> dict[tuple[int, int]
     return out
 
 
+def sync_of_runs(records: list[dict]) -> dict[tuple[int, int], tuple[float, list[tuple[int, float]]]]:
+    """sync_reference's map from this experiment's own synchronous runs (sweep 8ksync, as
+    read_data reads them): microbatches from tokens, since an update of gpipe-muon takes M = 4."""
+    return {(r["seed"], r["tokens"] // TOKENS_PER_MICROBATCH):
+            (r["val_loss"], [(c["tokens"] // TOKENS_PER_MICROBATCH, c["val_loss"]) for c in r["curve"]])
+            for r in records if r["method"] == SYNC_METHOD and r.get("lr") == SYNC_LR}
+
+
+def merge_sync(*maps: dict) -> dict:
+    """One map of synchronous references from several; two runs for one key must agree."""
+    out: dict = {}
+    for m in maps:
+        for key, value in m.items():
+            if out.setdefault(key, value)[0] != value[0]:
+                raise ValueError(f"two synchronous runs for seed {key[0]}, {key[1]} microbatches differ")
+    return out
+
+
 def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     """The first evaluated microbatch whose validation loss is at or below target."""
     return next((mb for mb, loss in curve if loss <= target), None)
+
+
+def reach(run: dict, sync: dict) -> tuple[int | None, int | None] | None:
+    """(the first evaluation of the run at or below the synchronous loss of the shortest run at
+    its seed, the first evaluation of the synchronous run of the run's length there); None when
+    the seed has no such references."""
+    n, short = run["updates"], LENGTH["2k"][0]
+    if (run["seed"], n) not in sync or (run["seed"], short) not in sync:
+        return None
+    target = sync[(run["seed"], short)][0]
+    return (first_reach([(c["step"], c["val_loss"]) for c in run["curve"]], target),
+            first_reach(sync[(run["seed"], n)][1], target))
 
 
 def sync_table(runs: list[dict], sync: dict) -> list[str]:
@@ -150,24 +191,33 @@ def sync_table(runs: list[dict], sync: dict) -> list[str]:
     length, and the first evaluation (microbatch) at which it reaches the synchronous loss of the
     shortest run (the project's target: at most 1.1x the synchronous tokens at K = 32). The last
     column divides that microbatch by the one at which the synchronous run of the same length
-    reaches the same loss: both curves then come from the same cosine schedule, mid-way."""
+    reaches the same loss: both curves then come from the same cosine schedule, mid-way. A
+    second table gives the seed mean of the ratios of the runs that reach the loss."""
     short = LENGTH["2k"][0]
     lines = ["| method | K | microbatches | seed | loss | synchronous loss | gap | reaches the synchronous "
              f"{short:,}-microbatch loss at | synchronous run of this length reaches it at | token ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios: dict[tuple[str, int, int], list[str]] = {}
     for r in sorted(runs, key=lambda r: (r["stages"], (METHODS + EF).index(r["method"]), r["updates"], r["seed"])):
         n = r["updates"]
-        if (r["seed"], n) not in sync or (r["seed"], short) not in sync:
+        got = reach(r, sync)
+        if got is None:
             continue
-        ref, ref_curve = sync[(r["seed"], n)]
-        target = sync[(r["seed"], short)][0]
-        reached = first_reach([(c["step"], c["val_loss"]) for c in r["curve"]], target)
-        ref_reached = first_reach(ref_curve, target)
+        reached, ref_reached = got
         ratio = (f"{reached / ref_reached:.2f}x" if reached and ref_reached else
                  f"> {n / ref_reached:.2f}x" if ref_reached else "")
+        ratios.setdefault((r["method"], r["stages"], n), []).append(ratio)
+        ref = sync[(r["seed"], n)][0]
         lines.append(f"| {r['method']} | {r['stages']} | {n:,} | {r['seed']} | {r['val_loss']:.4f} | {ref:.4f} | "
                      f"{r['val_loss'] - ref:+.4f} | {f'{reached:,}' if reached else 'not reached'} | "
                      f"{f'{ref_reached:,}' if ref_reached else ''} | {ratio} |")
+    lines += ["", "| method | K | microbatches | token ratio per seed | mean +- s.e. (seeds that reach it) |",
+              "|---|---|---|---|---|"]
+    for (method, K, n), per_seed in ratios.items():
+        reached = [float(x[:-1]) for x in per_seed if x and not x.startswith(">")]
+        mean = (f"{statistics.fmean(reached):.2f}x" + (f" +- {statistics.stdev(reached) / math.sqrt(len(reached)):.2f}"
+                                                      if len(reached) > 1 else "")) if reached else "none reach it"
+        lines.append(f"| {method} | {K} | {n:,} | {', '.join(per_seed)} | {mean} |")
     return lines
 
 
@@ -177,8 +227,10 @@ def main(argv: list[str]) -> int:
     print("\n".join(table(records)))
     with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
         sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
+    data = [r for name in SWEEPS for r in read_data(DATA / name)]
+    sync = merge_sync(sync, sync_of_runs(data))
     print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
-    print("\n".join(sync_table([r for name in SWEEPS for r in read_data(DATA / name)], sync)))
+    print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
     if records:
         plot(records, Path("docs/results/run_length.png"))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from run_length import first_reach, sync_reference, sync_table  # noqa: E402
+from run_length import first_reach, merge_sync, sync_of_runs, sync_reference, sync_table  # noqa: E402
 
 
 def sync_row(seed, budget_mb, loss, method="gpipe-muon", M="4", codec="none", lr="0.03"):
@@ -39,6 +39,28 @@ def test_first_reach_and_the_token_ratio_against_the_synchronous_run_of_the_same
            "curve": [{"step": s, "val_loss": v} for s, v in [(2400, 1.85), (3000, 1.79), (8000, 1.5)]]}
     never = dict(run, curve=[{"step": 8000, "val_loss": 1.81}], val_loss=1.81)
     lines = sync_table([run, never, dict(run, seed=2)], sync)  # seed 2: no reference, no row
-    assert len(lines) == 4
+    assert len(lines) == 8
     assert lines[2].split("|")[5:11] == [" 1.5000 ", " 1.4000 ", " +0.1000 ", " 3,000 ", " 2,400 ", " 1.25x "]
     assert lines[3].split("|")[8:11] == [" not reached ", " 2,400 ", " > 3.33x "]
+    # the seed mean counts only the seeds that reach the loss, and says which did not
+    assert lines[7] == "| muon-wp | 8 | 8,000 | 1.25x, > 3.33x | 1.25x |"
+
+
+def test_the_seed_mean_of_token_ratios_and_a_method_that_never_reaches_the_loss():
+    sync = {(s, n): (1.8, [(2000, 1.8), (2400, 1.7)]) for s in (1, 2) for n in (2000, 8000)}
+    run = {"method": "muon-wp", "stages": 32, "seed": 1, "updates": 8000, "val_loss": 1.5,
+           "curve": [{"step": 3000, "val_loss": 1.8}]}
+    lines = sync_table([run, dict(run, seed=2, curve=[{"step": 6000, "val_loss": 1.79}]),
+                        dict(run, method="nesterov", curve=[{"step": 8000, "val_loss": 1.9}])], sync)
+    assert lines[-2:] == ["| nesterov | 32 | 8,000 | > 4.00x | none reach it |",
+                          "| muon-wp | 32 | 8,000 | 1.50x, 3.00x | 2.25x +- 0.75 |"]
+
+
+def test_the_experiments_own_synchronous_runs_count_microbatches_from_tokens_and_must_agree():
+    row = {"method": "gpipe-muon", "stages": 1, "seed": 2, "lr": 0.03, "val_loss": 1.4, "updates": 2000,
+           "tokens": 8000 * 512, "curve": [{"step": 40, "tokens": 160 * 512, "val_loss": 2.6}]}
+    own = sync_of_runs([row, dict(row, lr=0.01, val_loss=9.0), dict(row, method="muon-wp", val_loss=9.0)])
+    assert own == {(2, 8000): (1.4, [(160, 2.6)])}
+    assert merge_sync({(1, 2000): (1.8, [])}, own) == {(1, 2000): (1.8, []), (2, 8000): (1.4, [(160, 2.6)])}
+    with pytest.raises(ValueError, match="seed 2, 8000 microbatches differ"):
+        merge_sync(own, {(2, 8000): (1.41, [])})
