@@ -13,7 +13,12 @@ runs/corrections_<x>/:
 - k32: pipedream, pipedream-ef and pipedream-dc at K = 32;
 - k8w: muon-wp-ef (forward weight prediction and error feedback) at K = 8, paired with the
   muon-wp runs of compression.py's sweep k8, made on the same machine;
-- k32w: muon-wp and muon-wp-ef at K = 32.
+- k32w: muon-wp and muon-wp-ef at K = 32;
+- k16w, k1w: the same at K = 16 and at K = 1 (no delay: what error feedback does by itself);
+- b8: the EF paper's own setting at K = 8: PipeDream-2BW with Muon (a delay of one update, M = 8)
+  with and without error feedback, and synchronous GPipe with Muon at the same M and K, all at
+  lr 3e-2 (gpipe-muon's best lr at M = 8 in docs/results/slow_links.md), paired with the
+  synchronous run as well as with each other.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. No K = 1 controls: the
@@ -28,13 +33,21 @@ from pathlib import Path
 
 from paired_runs import paired, read_runs, run_sweeps
 
-BASE = {"pipedream-ef": "pipedream", "pipedream-dc": "pipedream", "muon-ef": "muon", "muon-wp-ef": "muon-wp"}
+# The paper's own setting (arXiv 2606.30634): PipeDream-2BW (a delay of one update) with Muon,
+# with and without error feedback, against the synchronous schedule at the same M = 8 and K.
+SYNC_2BW, ASYNC_2BW = "gpipe-muon:pipeline.num_microbatches=8", "muon:pipeline.schedule=2bw"
+# (method, base): every correction against its base method, and the 2BW runs against synchronous
+PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
+         ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW)]
 SWEEPS = {
     "k8": (["pipedream", "pipedream-ef", "pipedream-dc", "muon", "muon-ef"], "8", "1,2,3"),
     "k32m": (["muon", "muon-ef"], "32", "1,2,3"),
     "k32": (["pipedream", "pipedream-ef", "pipedream-dc"], "32", "1,2,3"),
     "k8w": (["muon-wp-ef"], "8", "1,2,3"),
     "k32w": (["muon-wp", "muon-wp-ef"], "32", "1,2,3"),
+    "k16w": (["muon-wp", "muon-wp-ef"], "16", "1,2,3"),
+    "k1w": (["muon-wp", "muon-wp-ef"], "1", "1,2,3"),
+    "b8": ([SYNC_2BW, ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -50,9 +63,9 @@ def compression_muon_wp() -> list[dict]:
 
 
 def command(name: str, jobs: int) -> list[str]:
-    methods, stages, seeds = SWEEPS[name]
+    methods, stages, seeds, *lr = SWEEPS[name]
     return [sys.executable, "-m", "pipenag", "sweep", "--config", "configs/bench.toml", "--methods", ",".join(methods),
-            "--stages", stages, "--seeds", seeds, "--lrs", "3e-3", "--no-k1-controls", "--jobs", str(jobs),
+            "--stages", stages, "--seeds", seeds, "--lrs", lr[0] if lr else "3e-3", "--no-k1-controls", "--jobs", str(jobs),
             "--out", f"runs/corrections_{name}"]
 
 
@@ -61,7 +74,7 @@ def table(records: list[dict]) -> list[str]:
     lines = ["| method | base | K | seeds | loss base | loss method | paired difference +- s.e. |",
              "|---|---|---|---|---|---|---|"]
     for K in sorted({r["stages"] for r in records}):
-        for method, base in BASE.items():
+        for method, base in PAIRS:
             stats = paired(records, method, base, K)
             if stats is not None:
                 n, loss_base, loss_method, diff, se = stats

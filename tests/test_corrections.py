@@ -1,0 +1,32 @@
+"""The paired table of experiments/corrections.py: every correction against its base method, and
+the EF paper's 2BW setting against the synchronous schedule at the same K."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from corrections import ASYNC_2BW, SYNC_2BW, command, table  # noqa: E402
+
+
+def runs(method, K, losses):
+    return [{"method": method, "stages": K, "seed": seed, "val_loss": v} for seed, v in enumerate(losses, 1)]
+
+
+def test_the_2bw_runs_pair_with_each_other_and_with_the_synchronous_schedule():
+    records = runs(SYNC_2BW, 8, [2.0, 2.1, 2.2]) + runs(ASYNC_2BW, 8, [2.1, 2.3, 2.2]) + runs("2bw-muon-ef", 8, [2.0, 2.2, 2.3])
+    rows = [line.split(" | ") for line in table(records)[2:5]]
+    assert [(r[0], r[1]) for r in rows] == [("| 2bw-muon-ef", ASYNC_2BW), ("| " + ASYNC_2BW, SYNC_2BW), ("| 2bw-muon-ef", SYNC_2BW)]
+    assert rows[0][6] == "-0.0333 +- 0.0667 |"  # differences -0.1, -0.1, +0.1
+    assert rows[1][6] == "+0.1000 +- 0.0577 |"  # +0.1, +0.2, 0.0
+    assert rows[2][6] == "+0.0667 +- 0.0333 |"  # 0.0, +0.1, +0.1
+    assert table(records)[5] == ""  # no other pair has runs
+
+
+def test_the_2bw_sweep_runs_at_its_own_lr_and_the_others_at_3e3():
+    b8, k8 = command("b8", 1), command("k8", 2)
+    assert b8[b8.index("--lrs") + 1] == "3e-2" and b8[b8.index("--methods") + 1].split(",") == [SYNC_2BW, ASYNC_2BW, "2bw-muon-ef"]
+    assert k8[k8.index("--lrs") + 1] == "3e-3" and k8[k8.index("--jobs") + 1] == "2"
+    with pytest.raises(KeyError):
+        command("k64", 1)
