@@ -217,6 +217,8 @@ def sync_table(runs: list[dict], sync: dict) -> list[str]:
         reached = [float(x[:-1]) for x in per_seed if x and not x.startswith(">")]
         mean = (f"{statistics.fmean(reached):.2f}x" + (f" +- {statistics.stdev(reached) / math.sqrt(len(reached)):.2f}"
                                                       if len(reached) > 1 else "")) if reached else "none reach it"
+        if reached and len(reached) < len(per_seed):
+            mean += f" ({len(reached)} of {len(per_seed)} seeds)"
         lines.append(f"| {method} | {K} | {n:,} | {', '.join(per_seed)} | {mean} |")
     return lines
 

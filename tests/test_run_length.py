@@ -43,7 +43,7 @@ def test_first_reach_and_the_token_ratio_against_the_synchronous_run_of_the_same
     assert lines[2].split("|")[5:11] == [" 1.5000 ", " 1.4000 ", " +0.1000 ", " 3,000 ", " 2,400 ", " 1.25x "]
     assert lines[3].split("|")[8:11] == [" not reached ", " 2,400 ", " > 3.33x "]
     # the seed mean counts only the seeds that reach the loss, and says which did not
-    assert lines[7] == "| muon-wp | 8 | 8,000 | 1.25x, > 3.33x | 1.25x |"
+    assert lines[7] == "| muon-wp | 8 | 8,000 | 1.25x, > 3.33x | 1.25x (1 of 2 seeds) |"
 
 
 def test_the_seed_mean_of_token_ratios_and_a_method_that_never_reaches_the_loss():
