@@ -25,8 +25,9 @@ def test_the_2bw_runs_pair_with_each_other_and_with_the_synchronous_schedule():
 
 
 def test_the_2bw_sweep_runs_at_its_own_lr_and_the_others_at_3e3():
-    b8, k8 = command("b8", 1), command("k8", 2)
-    assert b8[b8.index("--lrs") + 1] == "3e-2" and b8[b8.index("--methods") + 1].split(",") == [SYNC_2BW, ASYNC_2BW, "2bw-muon-ef"]
+    b8, b8sync, k8 = command("b8", 1), command("b8sync", 1), command("k8", 2)
+    assert b8[b8.index("--lrs") + 1] == "3e-2" and b8[b8.index("--methods") + 1].split(",") == [ASYNC_2BW, "2bw-muon-ef"]
+    assert b8sync[b8sync.index("--lrs") + 1] == "3e-2" and b8sync[b8sync.index("--methods") + 1] == SYNC_2BW
     assert k8[k8.index("--lrs") + 1] == "3e-3" and k8[k8.index("--jobs") + 1] == "2"
     with pytest.raises(KeyError):
         command("k64", 1)
