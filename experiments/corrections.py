@@ -14,7 +14,10 @@ runs/corrections_<x>/:
 - k8w: muon-wp-ef (forward weight prediction and error feedback) at K = 8, paired with the
   muon-wp runs of compression.py's sweep k8, made on the same machine;
 - k32w: muon-wp and muon-wp-ef at K = 32;
-- k16w, k1w: the same at K = 16 and at K = 1 (no delay: what error feedback does by itself);
+- k16w: the same at K = 16;
+- k1w: muon-wp-ef at K = 1 (no delay: what error feedback does by itself), paired with the K = 1
+  muon-wp runs of run_length.py (sweeps 2k and 2k32s23: the same runs, made on machines whose
+  runs are equal bit for bit);
 - b8, b8sync: the EF paper's own setting at K = 8: PipeDream-2BW with Muon (a delay of one
   update, M = 8) with and without error feedback (b8), and synchronous GPipe with Muon at the
   same M and K (b8sync), all at lr 3e-2 (gpipe-muon's best lr at M = 8 in
@@ -46,7 +49,7 @@ SWEEPS = {
     "k8w": (["muon-wp-ef"], "8", "1,2,3"),
     "k32w": (["muon-wp", "muon-wp-ef"], "32", "1,2,3"),
     "k16w": (["muon-wp", "muon-wp-ef"], "16", "1,2,3"),
-    "k1w": (["muon-wp", "muon-wp-ef"], "1", "1,2,3"),
+    "k1w": (["muon-wp-ef"], "1", "1,2,3"),
     "b8": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
     "b8sync": ([SYNC_2BW], "8", "1,2,3", "3e-2"),
 }
@@ -61,6 +64,15 @@ MACHINE_A = "AuthenticAMD family 26 model 2 stepping 1 AVX512"
 def compression_muon_wp() -> list[dict]:
     none = "muon-wp:link.compress_activations=none:link.compress_gradients=none"
     return [dict(r, method="muon-wp", machine=MACHINE_A) for r in read_runs(COMPRESSION_K8) if r["method"] == none]
+
+
+RUN_LENGTH = Path("docs/results/data/run_length")
+
+
+def run_length_muon_wp_k1() -> list[dict]:
+    """muon-wp's K = 1 runs of 2,000 microbatches from run_length.py's data (seeds 1-3)."""
+    return [r for name in ("2k", "2k32s23") for r in read_runs(RUN_LENGTH / name)
+            if r["method"] == "muon-wp" and r["stages"] == 1]
 
 
 def command(name: str, jobs: int) -> list[str]:
@@ -91,7 +103,8 @@ def table(records: list[dict]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
-    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)] + compression_muon_wp())))
+    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)] + compression_muon_wp()
+                           + run_length_muon_wp_k1())))
     return 0
 
 
