@@ -95,11 +95,17 @@ def table(records: list[dict]) -> list[str]:
         pens = penalties(records, K)
         for method in METHODS:
             short = {s: p for s, _, p in pens.get((method, "2k"), [])}
+            exponents = []
             for seed, _, p in pens.get((method, "8k"), []):
                 if seed in short:
                     ratio = p / short[seed]
                     exponent = f"{math.log(ratio) / math.log(4):+.2f}" if ratio > 0 else "n/a (sign change)"
+                    exponents += [math.log(ratio) / math.log(4)] if ratio > 0 else []
                     lines.append(f"| {method} | {K} | {seed} | {short[seed]:+.4f} | {p:+.4f} | {ratio:.2f} | {exponent} |")
+            if len(exponents) > 1:
+                se = statistics.stdev(exponents) / math.sqrt(len(exponents))
+                lines.append(f"| {method} | {K} | mean of {len(exponents)} | | | | "
+                             f"{statistics.fmean(exponents):+.2f} +- {se:.2f} |")
     return lines
 
 

@@ -64,3 +64,18 @@ def test_the_experiments_own_synchronous_runs_count_microbatches_from_tokens_and
     assert merge_sync({(1, 2000): (1.8, [])}, own) == {(1, 2000): (1.8, []), (2, 8000): (1.4, [(160, 2.6)])}
     with pytest.raises(ValueError, match="seed 2, 8000 microbatches differ"):
         merge_sync(own, {(2, 8000): (1.41, [])})
+
+
+def test_the_penalty_exponent_per_seed_and_its_seed_mean():
+    from run_length import table
+
+    records = []
+    for seed, (short, long) in {1: (0.8, 0.4), 2: (0.8, 0.2)}.items():  # 4x the tokens: N^-0.5 and N^-1
+        for length, pen in (("2k", short), ("8k", long)):
+            records += [{"method": "muon-wp", "length": length, "stages": 1, "seed": seed, "val_loss": 1.0},
+                        {"method": "muon-wp", "length": length, "stages": 32, "seed": seed, "val_loss": 1.0 + pen}]
+    lines = table(records)
+    assert "| muon-wp | 32 | 1 | +0.8000 | +0.4000 | 0.50 | -0.50 |" in lines
+    assert "| muon-wp | 32 | 2 | +0.8000 | +0.2000 | 0.25 | -1.00 |" in lines
+    assert lines[-1] == "| muon-wp | 32 | mean of 2 | | | | -0.75 +- 0.25 |"
+    assert "| muon-wp | 32 | 8,000 | 1,2 | 1.0000 | 1.3000 | +0.3000 +- 0.1000 |" in lines
