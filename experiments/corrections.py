@@ -21,7 +21,9 @@ runs/corrections_<x>/:
 - b8, b8sync: the EF paper's own setting at K = 8: PipeDream-2BW with Muon (a delay of one
   update, M = 8) with and without error feedback (b8), and synchronous GPipe with Muon at the
   same M and K (b8sync), all at lr 3e-2 (gpipe-muon's best lr at M = 8 in
-  docs/results/slow_links.md), paired with the synchronous run as well as with each other.
+  docs/results/slow_links.md), paired with the synchronous run as well as with each other;
+- b8lr: the two 2BW methods at lr 1e-2, seed 1: whether 3e-2, tuned for the synchronous
+  schedule, is too large for a delayed one.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. No K = 1 controls: the
@@ -52,6 +54,7 @@ SWEEPS = {
     "k1w": (["muon-wp-ef"], "1", "1,2,3"),
     "b8": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
     "b8sync": ([SYNC_2BW], "8", "1,2,3", "3e-2"),
+    "b8lr": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1", "1e-2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -101,10 +104,27 @@ def table(records: list[dict]) -> list[str]:
     return lines
 
 
+LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
+
+
+def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
+    """Each method's final loss at every lr it has runs for, per seed (the lr probes)."""
+    lines = ["| method | K | seed | lr | final validation loss |", "|---|---|---|---|---|"]
+    for r in sorted((r for r in records if r["method"] in methods and r["stages"] == stages),
+                    key=lambda r: (methods.index(r["method"]), r["seed"], r["lr"])):
+        lines.append(f"| {r['method']} | {stages} | {r['seed']} | {r['lr']:g} | {r['val_loss']:.4f} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
-    print("\n".join(table([r for name in SWEEPS for r in read_runs(DATA / name)] + compression_muon_wp()
+    paired_names = [name for name in SWEEPS if name not in LR_PROBES]
+    print("\n".join(table([r for name in paired_names for r in read_runs(DATA / name)] + compression_muon_wp()
                            + run_length_muon_wp_k1())))
+    probes = [r for name in ("b8", "b8lr") for r in read_runs(DATA / name)]
+    if any(r for name in LR_PROBES for r in read_runs(DATA / name)):
+        print("\nThe 2BW runs at two lrs:")
+        print("\n".join(lr_table(probes, [ASYNC_2BW, "2bw-muon-ef"], 8)))
     return 0
 
 
