@@ -18,6 +18,8 @@ runs/corrections_<x>/:
 - k1w: muon-wp-ef at K = 1 (no delay: what error feedback does by itself), paired with the K = 1
   muon-wp runs of run_length.py (sweeps 2k and 2k32s23: the same runs, made on machines whose
   runs are equal bit for bit);
+- k1e, k1f: pipedream and pipedream-ef at K = 1; k1m: muon-ef at K = 1, seed 1 (forward prediction
+  is the identity without delay, so muon-ef there should be muon-wp-ef of k1w bit for bit);
 - b8, b8sync: the EF paper's own setting at K = 8: PipeDream-2BW with Muon (a delay of one
   update, M = 8) with and without error feedback (b8), and synchronous GPipe with Muon at the
   same M and K (b8sync), all at lr 3e-2 (gpipe-muon's best lr at M = 8 in
@@ -52,6 +54,9 @@ SWEEPS = {
     "k32w": (["muon-wp", "muon-wp-ef"], "32", "1,2,3"),
     "k16w": (["muon-wp", "muon-wp-ef"], "16", "1,2,3"),
     "k1w": (["muon-wp-ef"], "1", "1,2,3"),
+    "k1e": (["pipedream"], "1", "1,2,3"),
+    "k1f": (["pipedream-ef"], "1", "1,2,3"),
+    "k1m": (["muon-ef"], "1", "1"),
     "b8": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
     "b8sync": ([SYNC_2BW], "8", "1,2,3", "3e-2"),
     "b8lr": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1", "1e-2"),
@@ -73,9 +78,12 @@ RUN_LENGTH = Path("docs/results/data/run_length")
 
 
 def run_length_muon_wp_k1() -> list[dict]:
-    """muon-wp's K = 1 runs of 2,000 microbatches from run_length.py's data (seeds 1-3)."""
-    return [r for name in ("2k", "2k32s23") for r in read_runs(RUN_LENGTH / name)
+    """muon-wp's K = 1 runs of 2,000 microbatches from run_length.py's data (seeds 1-3), also as
+    muon's: at K = 1 the two are the same run bit for bit (tests/test_methods.py,
+    test_delay_corrections_are_their_base_method_at_one_stage)."""
+    runs = [r for name in ("2k", "2k32s23") for r in read_runs(RUN_LENGTH / name)
             if r["method"] == "muon-wp" and r["stages"] == 1]
+    return runs + [dict(r, method="muon") for r in runs]
 
 
 def command(name: str, jobs: int) -> list[str]:
