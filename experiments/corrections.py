@@ -19,7 +19,7 @@ runs/corrections_<x>/:
   muon-wp runs of run_length.py (sweeps 2k and 2k32s23: the same runs, made on machines whose
   runs are equal bit for bit);
 - k1e, k1f: pipedream and pipedream-ef at K = 1; k1m: muon-ef at K = 1, seed 1 (forward prediction
-  is the identity without delay, so muon-ef there should be muon-wp-ef of k1w bit for bit);
+  is the identity without delay, so muon-ef there is muon-wp-ef of k1w bit for bit, as seed 1 shows);
 - b8, b8sync: the EF paper's own setting at K = 8: PipeDream-2BW with Muon (a delay of one
   update, M = 8) with and without error feedback (b8), and synchronous GPipe with Muon at the
   same M and K (b8sync), all at lr 3e-2 (gpipe-muon's best lr at M = 8 in
@@ -28,8 +28,10 @@ runs/corrections_<x>/:
   schedule, is too large for a delayed one.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
-Every correction is paired with its base method at the same K and seed. No K = 1 controls: the
-table is the correction's effect at a depth, not a delay penalty. The data files go to
+Every correction is paired with its base method at the same K and seed. The sweeps at depth
+have no K = 1 controls of their own (the table is the correction's effect at a depth); the K = 1
+sweeps (k1w, k1e, k1f, k1m) give the correction's effect without delay, from which
+docs/results/convergence.md reads each correction's delay penalty. The data files go to
 docs/results/data/corrections/<x>/.
 """
 
