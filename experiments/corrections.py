@@ -128,13 +128,13 @@ def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
-    paired_names = [name for name in SWEEPS if name not in LR_PROBES]
-    print("\n".join(table([r for name in paired_names for r in read_runs(DATA / name)] + compression_muon_wp()
+    runs = {name: read_runs(DATA / name) for name in SWEEPS}
+    print("\n".join(table([r for name in SWEEPS if name not in LR_PROBES for r in runs[name]] + compression_muon_wp()
                            + run_length_muon_wp_k1())))
-    probes = [r for name in ("b8", "b8lr") for r in read_runs(DATA / name)]
-    if any(r for name in LR_PROBES for r in read_runs(DATA / name)):
+    probes = [r for name in LR_PROBES for r in runs[name]]
+    if probes:
         print("\nThe 2BW runs at two lrs:")
-        print("\n".join(lr_table(probes, [ASYNC_2BW, "2bw-muon-ef"], 8)))
+        print("\n".join(lr_table(runs["b8"] + probes, [ASYNC_2BW, "2bw-muon-ef"], 8)))
     return 0
 
 

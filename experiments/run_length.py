@@ -144,17 +144,15 @@ def sync_reference(runs: list[dict], curves: list[dict]) -> dict[tuple[int, int]
     (docs/results/slow_links.md tuned it), from the rows of SYNC's runs.csv and curves.csv; two
     runs for one key must agree."""
     def ours(r: dict) -> bool:
-        return (r["method"], r["M"], r["codec"], float(r["lr"])) == ("gpipe-muon", "4", "none", 3e-2)
+        return (r["method"], r["M"], r["codec"], float(r["lr"])) == (SYNC_METHOD, "4", "none", SYNC_LR)
 
-    out: dict[tuple[int, int], tuple[float, list[tuple[int, float]]]] = {}
-    for r in filter(ours, runs):
-        key = (int(r["seed"]), int(r["budget"]) // TOKENS_PER_MICROBATCH)
-        curve = sorted({(int(c["tokens"]) // TOKENS_PER_MICROBATCH, float(c["val_loss"])) for c in curves
-                        if ours(c) and (int(c["seed"]), int(c["budget"]) // TOKENS_PER_MICROBATCH) == key})
-        loss = float(r["val_loss"])
-        if out.setdefault(key, (loss, curve))[0] != loss:
-            raise ValueError(f"{SYNC}: two synchronous runs for seed {key[0]}, {key[1]} microbatches differ")
-    return out
+    def key(r: dict) -> tuple[int, int]:
+        return int(r["seed"]), int(r["budget"]) // TOKENS_PER_MICROBATCH
+
+    return merge_sync(*({key(r): (float(r["val_loss"]),
+                                  sorted({(int(c["tokens"]) // TOKENS_PER_MICROBATCH, float(c["val_loss"]))
+                                          for c in curves if ours(c) and key(c) == key(r)}))}
+                        for r in filter(ours, runs)))
 
 
 def sync_of_runs(records: list[dict]) -> dict[tuple[int, int], tuple[float, list[tuple[int, float]]]]:
@@ -203,29 +201,31 @@ def sync_table(runs: list[dict], sync: dict) -> list[str]:
     lines = ["| method | K | microbatches | seed | loss | synchronous loss | gap | reaches the synchronous "
              f"{short:,}-microbatch loss at | synchronous run of this length reaches it at | token ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    ratios: dict[tuple[str, int, int], list[str]] = {}
+    def label(reached: int | None, ref_reached: int | None, n: int) -> str:
+        return (f"{reached / ref_reached:.2f}x" if reached and ref_reached else
+                f"> {n / ref_reached:.2f}x" if ref_reached else "")
+
+    ratios: dict[tuple[str, int, int], list[tuple[int | None, int | None]]] = {}
     for r in sorted(runs, key=lambda r: (r["stages"], (METHODS + EF).index(r["method"]), r["updates"], r["seed"])):
         n = r["updates"]
         got = reach(r, sync)
         if got is None:
             continue
         reached, ref_reached = got
-        ratio = (f"{reached / ref_reached:.2f}x" if reached and ref_reached else
-                 f"> {n / ref_reached:.2f}x" if ref_reached else "")
-        ratios.setdefault((r["method"], r["stages"], n), []).append(ratio)
+        ratios.setdefault((r["method"], r["stages"], n), []).append(got)
         ref = sync[(r["seed"], n)][0]
         lines.append(f"| {r['method']} | {r['stages']} | {n:,} | {r['seed']} | {r['val_loss']:.4f} | {ref:.4f} | "
                      f"{r['val_loss'] - ref:+.4f} | {f'{reached:,}' if reached else 'not reached'} | "
-                     f"{f'{ref_reached:,}' if ref_reached else ''} | {ratio} |")
+                     f"{f'{ref_reached:,}' if ref_reached else ''} | {label(reached, ref_reached, n)} |")
     lines += ["", "| method | K | microbatches | token ratio per seed | mean +- s.e. (seeds that reach it) |",
               "|---|---|---|---|---|"]
     for (method, K, n), per_seed in ratios.items():
-        reached = [float(x[:-1]) for x in per_seed if x and not x.startswith(">")]
+        reached = [round(a / b, 2) for a, b in per_seed if a and b]  # the ratios as the table prints them
         mean = (f"{statistics.fmean(reached):.2f}x" + (f" +- {statistics.stdev(reached) / math.sqrt(len(reached)):.2f}"
                                                       if len(reached) > 1 else "")) if reached else "none reach it"
         if reached and len(reached) < len(per_seed):
             mean += f" ({len(reached)} of {len(per_seed)} seeds)"
-        lines.append(f"| {method} | {K} | {n:,} | {', '.join(per_seed)} | {mean} |")
+        lines.append(f"| {method} | {K} | {n:,} | {', '.join(label(a, b, n) for a, b in per_seed)} | {mean} |")
     return lines
 
 

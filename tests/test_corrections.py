@@ -33,12 +33,11 @@ def test_the_2bw_sweep_runs_at_its_own_lr_and_the_others_at_3e3():
         command("k64", 1)
 
 
-def test_the_lr_probe_lists_each_lr_per_seed_and_stays_out_of_the_paired_table():
-    from corrections import LR_PROBES, lr_table
+def test_the_lr_probe_lists_each_method_at_each_lr_per_seed():
+    from corrections import lr_table
 
     records = [{"method": m, "stages": 8, "seed": 1, "lr": lr, "val_loss": v}
                for m, lr, v in [("2bw-muon-ef", 3e-2, 2.2), (ASYNC_2BW, 1e-2, 2.3), (ASYNC_2BW, 3e-2, 2.4)]]
     assert lr_table(records, [ASYNC_2BW, "2bw-muon-ef"], 8)[2:] == [
         f"| {ASYNC_2BW} | 8 | 1 | 0.01 | 2.3000 |", f"| {ASYNC_2BW} | 8 | 1 | 0.03 | 2.4000 |",
         "| 2bw-muon-ef | 8 | 1 | 0.03 | 2.2000 |"]
-    assert "b8lr" in LR_PROBES and "b8" not in LR_PROBES
