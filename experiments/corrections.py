@@ -15,6 +15,7 @@ runs/corrections_<x>/:
   muon-wp runs of compression.py's sweep k8, made on the same machine;
 - k32w: muon-wp and muon-wp-ef at K = 32;
 - k16w: the same at K = 16;
+- k16e, k16m: the sweeps k32 and k32m at K = 16;
 - k1w: muon-wp-ef at K = 1 (no delay: what error feedback does by itself), paired with the K = 1
   muon-wp runs of run_length.py (sweeps 2k and 2k32s23: the same runs, made on machines whose
   runs are equal bit for bit);
@@ -55,6 +56,8 @@ SWEEPS = {
     "k8w": (["muon-wp-ef"], "8", "1,2,3"),
     "k32w": (["muon-wp", "muon-wp-ef"], "32", "1,2,3"),
     "k16w": (["muon-wp", "muon-wp-ef"], "16", "1,2,3"),
+    "k16e": (["pipedream", "pipedream-ef", "pipedream-dc"], "16", "1,2,3"),
+    "k16m": (["muon", "muon-ef"], "16", "1,2,3"),
     "k1w": (["muon-wp-ef"], "1", "1,2,3"),
     "k1e": (["pipedream"], "1", "1,2,3"),
     "k1f": (["pipedream-ef"], "1", "1,2,3"),

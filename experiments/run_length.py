@@ -40,14 +40,15 @@ METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
 SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
-LENGTH = {"2k": (2000, 80), "8k": (8000, 320)}  # microbatches, evaluation interval
+LENGTH = {"2k": (2000, 80), "8k": (8000, 320), "32k": (32000, 320)}  # microbatches, evaluation interval
 # name -> (length, seeds, K, with K = 1 controls, methods)
 SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
           "2k23": ("2k", "2,3", 8, True, METHODS), "8k23": ("8k", "2,3", 8, True, METHODS),
           "2k32": ("2k", "1", 32, False, METHODS), "8k32": ("8k", "1", 32, False, METHODS),
           "2k32ef": ("2k", "1", 32, False, EF), "8k32ef": ("8k", "1", 32, False, EF),
           "2k32s23": ("2k", "2,3", 32, True, ["muon-wp"]), "8k32s23": ("8k", "2,3", 32, True, ["muon-wp"]),
-          "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD])}
+          "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD]),
+          "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"])}
 DATA = Path("docs/results/data/run_length")
 
 
@@ -107,6 +108,39 @@ def table(records: list[dict]) -> list[str]:
                 lines.append(f"| {method} | {K} | mean of {len(exponents)} | | | | "
                              f"{statistics.fmean(exponents):+.2f} +- {se:.2f} |")
     return lines
+
+
+def trend_table(records: list[dict]) -> list[str]:
+    """The seeds with runs of every length: each penalty, the penalty at the longest length that
+    the exponent of the two shorter ones predicts, the exponent between the two longest, and the
+    least-squares exponent over all of them (log penalty against log length)."""
+    lengths = list(LENGTH)
+    if len(lengths) < 3:
+        return []
+    *_, short, mid, long = lengths
+    ns = [LENGTH[length][0] for length in lengths]
+    lines = ["| method | K | seed | " + " | ".join(f"penalty at {n:,}" for n in ns)
+             + f" | predicted at {LENGTH[long][0]:,} | exponent {mid} to {long} | least-squares exponent |",
+             "|---|---|---|" + "---|" * (len(ns) + 3)]
+    for K in STAGES:
+        pens = penalties(records, K)
+        for method in METHODS:
+            by = {length: {s: p for s, _, p in pens.get((method, length), [])} for length in lengths}
+            for seed in sorted(set.intersection(*(set(v) for v in by.values()))):
+                ps = [by[length][seed] for length in lengths]
+                cells = " | ".join(f"{p:+.4f}" for p in ps)
+                if min(ps) <= 0:
+                    lines.append(f"| {method} | {K} | {seed} | {cells} | n/a (sign change) | | |")
+                    continue
+                p_short, p_mid, p_long = ps[-3:]
+                step = math.log(ns[-1] / ns[-2])
+                a = math.log(p_mid / p_short) / math.log(ns[-2] / ns[-3])
+                xs, ys = [math.log(n) for n in ns], [math.log(p) for p in ps]
+                mx, my = statistics.fmean(xs), statistics.fmean(ys)
+                fit = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+                lines.append(f"| {method} | {K} | {seed} | {cells} | {p_mid * math.exp(a * step):+.4f} | "
+                             f"{math.log(p_long / p_mid) / step:+.2f} | {fit:+.2f} |")
+    return lines if len(lines) > 2 else []
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -229,16 +263,54 @@ def sync_table(runs: list[dict], sync: dict) -> list[str]:
     return lines
 
 
+def best_reach_table(runs: list[dict], sync: dict) -> list[str]:
+    """Tokens to each synchronous loss of a seed (the final loss of its run of every length),
+    each side with its best run: the first evaluation at or below the loss over all the
+    method's runs at that K and seed, of any length, against the same over the seed's
+    synchronous runs. Unlike sync_table, a run needs no synchronous run of its own length (so the
+    32,000-microbatch runs enter); the two curves may come from different cosine schedules."""
+    def best(curves: list[tuple[int, list[tuple[int, float]]]], target: float) -> tuple[int, int] | None:
+        hits = [(mb, n) for n, curve in curves if (mb := first_reach(curve, target)) is not None]
+        return min(hits) if hits else None
+
+    lines = ["| method | K | seed | synchronous loss (its run's length) | reached at (run length) | synchronous run "
+             "reaches it at (run length) | token ratio |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, int, int], list[tuple[int, list[tuple[int, float]]]]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["stages"], r["seed"]), []).append(
+            (r["updates"], [(c["step"], c["val_loss"]) for c in r["curve"]]))
+    order = METHODS + EF
+    for (method, K, seed), curves in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), kv[0][2])):
+        longest = max(n for n, _ in curves)
+        refs = sorted((n, value) for (s, n), value in sync.items() if s == seed)
+        for n_ref, (target, _) in refs:
+            theirs = best([(n, curve) for n, (_, curve) in refs], target)
+            ours = best(curves, target)
+            if theirs is None:
+                continue
+            got = f"{ours[0]:,} ({ours[1]:,})" if ours else f"not reached in {longest:,}"
+            ratio = f"{ours[0] / theirs[0]:.2f}x" if ours else f"> {longest / theirs[0]:.2f}x"
+            lines.append(f"| {method} | {K} | {seed} | {target:.4f} ({n_ref:,}) | {got} | {theirs[0]:,} ({theirs[1]:,}) "
+                         f"| {ratio} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: SWEEPS[name][4])
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
     print("\n".join(table(records)))
+    trend = trend_table(records)
+    if trend:
+        print("\nThe seeds with runs of every length:")
+        print("\n".join(trend))
     with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
         sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
     data = [r for name in SWEEPS for r in read_data(DATA / name)]
     sync = merge_sync(sync, sync_of_runs(data))
     print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
+    print("\nEach side's best run of any length (the 32,000-microbatch runs have no synchronous run of their length):")
+    print("\n".join(best_reach_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
     if records:
         plot(records, Path("docs/results/run_length.png"))
     return 0

@@ -79,3 +79,38 @@ def test_the_penalty_exponent_per_seed_and_its_seed_mean():
     assert "| muon-wp | 32 | 2 | +0.8000 | +0.2000 | 0.25 | -1.00 |" in lines
     assert lines[-1] == "| muon-wp | 32 | mean of 2 | | | | -0.75 +- 0.25 |"
     assert "| muon-wp | 32 | 8,000 | 1,2 | 1.0000 | 1.3000 | +0.3000 +- 0.1000 |" in lines
+
+
+def test_the_trend_over_three_lengths_predicts_the_longest_from_the_two_shorter():
+    from run_length import trend_table
+
+    records = []
+    for length, pen in (("2k", 0.8), ("8k", 0.4), ("32k", 0.1)):  # N^-0.5, then N^-1
+        records += [{"method": "muon-wp", "length": length, "stages": 1, "seed": 1, "val_loss": 1.0},
+                    {"method": "muon-wp", "length": length, "stages": 32, "seed": 1, "val_loss": 1.0 + pen}]
+    lines = trend_table(records + [dict(records[-1], seed=2)])  # seed 2 has one length only: no row
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[:6] == ["muon-wp", "32", "1", "+0.8000", "+0.4000", "+0.1000"]
+    assert cells[6] == "+0.2000"  # 0.4 * 4^-0.5: what the 2k-8k exponent predicts at 32k
+    assert cells[7] == "-1.00"
+    assert cells[8] == "-0.75"  # least squares through log 0.8, log 0.4, log 0.1 at log N, N = 2k, 8k, 32k
+    assert trend_table(records[:4]) == []  # no seed with every length: no table
+
+
+def test_the_best_run_of_any_length_on_each_side():
+    from run_length import best_reach_table
+
+    sync = {(1, 2000): (1.8, [(1920, 1.85), (2000, 1.8)]),
+            (1, 8000): (1.4, [(2000, 1.9), (2400, 1.79), (7840, 1.39), (8000, 1.4)])}
+    def run(n, points):
+        return {"method": "muon-wp", "stages": 32, "seed": 1, "updates": n, "val_loss": points[-1][1],
+                "curve": [{"step": s, "val_loss": v} for s, v in points]}
+    lines = best_reach_table([run(8000, [(6000, 1.79), (8000, 1.5)]), run(32000, [(5000, 1.8), (30000, 1.4)])], sync)
+    rows = [[c.strip() for c in line.split("|")[4:-1]] for line in lines[2:]]
+    # the 1.8 loss: the 32k run gets there first (5,000), the synchronous 2k run at 2,000
+    assert rows[0] == ["1.8000 (2,000)", "5,000 (32,000)", "2,000 (2,000)", "2.50x"]
+    # the 1.4 loss: the synchronous 8k run dips to 1.39 at 7,840, before its final evaluation
+    assert rows[1] == ["1.4000 (8,000)", "30,000 (32,000)", "7,840 (8,000)", "3.83x"]
+    lines = best_reach_table([run(8000, [(8000, 1.5)])], sync)
+    assert lines[-1].endswith("| not reached in 8,000 | 7,840 (8,000) | > 1.02x |")
