@@ -26,7 +26,10 @@ runs/corrections_<x>/:
   same M and K (b8sync), all at lr 3e-2 (gpipe-muon's best lr at M = 8 in
   docs/results/slow_links.md), paired with the synchronous run as well as with each other;
 - b8lr: the two 2BW methods at lr 1e-2, seed 1: whether 3e-2, tuned for the synchronous
-  schedule, is too large for a delayed one.
+  schedule, is too large for a delayed one;
+- c1, c32: muon-wp-ef with the error feedback's c at 0.3 and 3 (besides 1, and 0, which is
+  muon-wp bit for bit) at K = 1 and K = 32, seed 1: if error feedback were a delay correction,
+  its best c would grow with the delay.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -47,6 +50,7 @@ from paired_runs import paired, read_runs, run_sweeps
 # with and without error feedback, against the synchronous schedule at the same M = 8 and K.
 SYNC_2BW, ASYNC_2BW = "gpipe-muon:pipeline.num_microbatches=8", "muon:pipeline.schedule=2bw"
 # (method, base): every correction against its base method, and the 2BW runs against synchronous
+EF_SCALES = ("0.3", "3")  # the error feedback's c probed besides its default 1 (and 0: muon-wp)
 PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
          ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW)]
 SWEEPS = {
@@ -65,6 +69,8 @@ SWEEPS = {
     "b8": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
     "b8sync": ([SYNC_2BW], "8", "1,2,3", "3e-2"),
     "b8lr": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1", "1e-2"),
+    "c1": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "1"),
+    "c32": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "1"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -118,6 +124,27 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
+SCALE_PROBES = ("c1", "c32")  # the c probes: kept out of the paired table too
+
+
+def scale_table(records: list[dict]) -> list[str]:
+    """muon-wp-ef's final loss against its c, per K and seed (c = 0 is muon-wp, c = 1 the
+    default), for every K and seed with a c probe."""
+    def scale(method: str) -> float | None:
+        if method in ("muon-wp", "muon-wp-ef"):
+            return 0.0 if method == "muon-wp" else 1.0
+        prefix = "muon-wp-ef:optim.ef_scale="
+        return float(method[len(prefix):]) if method.startswith(prefix) else None
+
+    probed = {(r["stages"], r["seed"]) for r in records if r["method"].startswith("muon-wp-ef:")}
+    lines = ["| K | seed | " + " | ".join(f"c = {c:g}" for c in (0.0, 0.3, 1.0, 3.0)) + " | best c |",
+             "|---|---|---|---|---|---|---|"]
+    for K, seed in sorted(probed):
+        loss = {scale(r["method"]): r["val_loss"] for r in records
+                if (r["stages"], r["seed"]) == (K, seed) and scale(r["method"]) is not None}
+        cells = " | ".join(f"{loss[c]:.4f}" if c in loss else "" for c in (0.0, 0.3, 1.0, 3.0))
+        lines.append(f"| {K} | {seed} | {cells} | {min(loss, key=loss.get):g} |")
+    return lines
 
 
 def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
@@ -132,12 +159,16 @@ def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     runs = {name: read_runs(DATA / name) for name in SWEEPS}
-    print("\n".join(table([r for name in SWEEPS if name not in LR_PROBES for r in runs[name]] + compression_muon_wp()
-                           + run_length_muon_wp_k1())))
+    pairable = [r for name in SWEEPS if name not in LR_PROBES + SCALE_PROBES for r in runs[name]]
+    print("\n".join(table(pairable + compression_muon_wp() + run_length_muon_wp_k1())))
     probes = [r for name in LR_PROBES for r in runs[name]]
     if probes:
         print("\nThe 2BW runs at two lrs:")
         print("\n".join(lr_table(runs["b8"] + probes, [ASYNC_2BW, "2bw-muon-ef"], 8)))
+    scales = [r for name in SCALE_PROBES for r in runs[name]]
+    if scales:
+        print("\nmuon-wp-ef against the error feedback's c (seed 1):")
+        print("\n".join(scale_table(scales + pairable + run_length_muon_wp_k1())))
     return 0
 
 

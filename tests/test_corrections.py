@@ -41,3 +41,16 @@ def test_the_lr_probe_lists_each_method_at_each_lr_per_seed():
     assert lr_table(records, [ASYNC_2BW, "2bw-muon-ef"], 8)[2:] == [
         f"| {ASYNC_2BW} | 8 | 1 | 0.01 | 2.3000 |", f"| {ASYNC_2BW} | 8 | 1 | 0.03 | 2.4000 |",
         "| 2bw-muon-ef | 8 | 1 | 0.03 | 2.2000 |"]
+
+
+def test_the_c_probes_sit_beside_muon_wp_as_c_0_and_muon_wp_ef_as_c_1():
+    from corrections import scale_table
+
+    records = (runs("muon-wp", 32, [2.5]) + runs("muon-wp-ef", 32, [2.4]) + runs("muon-wp-ef:optim.ef_scale=0.3", 32, [2.45])
+               + runs("muon-wp-ef:optim.ef_scale=3", 32, [2.3]) + runs("muon-wp-ef", 1, [1.8, 1.7])
+               + runs("muon", 32, [9.0]))  # K = 1 has no probe (no row); muon is not a point of the curve
+    lines = scale_table(records)
+    assert lines[2:] == ["| 32 | 1 | 2.5000 | 2.4500 | 2.4000 | 2.3000 | 3 |"]
+    c1 = command("c1", 1)
+    assert c1[c1.index("--methods") + 1].split(",") == ["muon-wp-ef:optim.ef_scale=0.3", "muon-wp-ef:optim.ef_scale=3"]
+    assert c1[c1.index("--stages") + 1] == "1"
