@@ -144,26 +144,40 @@ def trend_table(records: list[dict]) -> list[str]:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """The delay penalty against the run's length, one line per method (seed means)."""
+    """The delay penalty against the run's length, one line per method and K: the mean over the
+    seeds that have runs of every length the line has (so a seed run at one length only does
+    not move a point), on log-log axes when every penalty is positive (a power law is straight)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    positive = True
     for K, style in zip(STAGES, ("-", "--")):
         pens = penalties(records, K)
         for i, method in enumerate(METHODS):
-            points = [(LENGTH[length][0], statistics.fmean(p for _, _, p in pens[(method, length)]))
-                      for length in LENGTH if pens.get((method, length))]
-            if points:
+            lengths = [length for length in LENGTH if pens.get((method, length))]
+            if not lengths:
+                continue
+            seeds = set.intersection(*({s for s, _, _ in pens[(method, length)]} for length in lengths))
+            points = [(LENGTH[length][0], statistics.fmean(p for s, _, p in pens[(method, length)] if s in seeds))
+                      for length in lengths]
+            if seeds:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{method}, K = {K}")
+                positive &= min(ys) > 0
+                ax.plot(xs, ys, style, marker="o", color=f"C{i}",
+                        label=f"{method}, K = {K} (seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, sorted(seeds)))})")
     ax.set_xscale("log")
+    ax.set_xticks([n for n, _ in LENGTH.values()], [f"{n:,}" for n, _ in LENGTH.values()])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if positive:
+        ax.set_yscale("log")
     ax.set_xlabel("run length (microbatches of 8 x 64 tokens)")
     ax.set_ylabel("delay penalty (loss - K = 1 loss)")
-    ax.axhline(0.0, color="k", lw=0.6)
-    ax.legend(fontsize=8)
+    if not positive:
+        ax.axhline(0.0, color="k", lw=0.6)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
