@@ -309,6 +309,32 @@ def best_reach_table(runs: list[dict], sync: dict) -> list[str]:
     return lines
 
 
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+
+def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
+    """Tokens at K against tokens at K = 1 inside the same run length (the same cosine schedule):
+    for the K = 1 run's evaluation at each fraction of the run, the first evaluation at which the
+    run at K reaches that loss, divided by the first at which the K = 1 run does. A ratio read at
+    the end of the K = 1 run needs the run at K to get there within the same length."""
+    curves = {(r["method"], r["stages"], r["updates"], r["seed"]): [(c["step"], c["val_loss"]) for c in r["curve"]]
+              for r in runs}
+    lines = ["| method | microbatches | seed | " + " | ".join(f"at {f:g} of the run" for f in FRACTIONS) + " |",
+             "|---|---|---|" + "---|" * len(FRACTIONS)]
+    for (method, stages, n, seed), deep in sorted(curves.items(), key=lambda kv: ((METHODS + EF).index(kv[0][0]),
+                                                                                 kv[0][2], kv[0][3])):
+        flat = curves.get((method, 1, n, seed))
+        if stages != K or not flat or not deep:
+            continue
+        cells = []
+        for f in FRACTIONS:
+            mb, target = min(flat, key=lambda c: abs(c[0] - f * n))
+            theirs, ours = first_reach(flat, target), first_reach(deep, target)
+            cells.append(f"{target:.4f}: {ours / theirs:.2f}x" if ours else f"{target:.4f}: > {n / theirs:.2f}x")
+        lines.append(f"| {method} | {n:,} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: SWEEPS[name][4])
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
@@ -325,6 +351,8 @@ def main(argv: list[str]) -> int:
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
     print("\nEach side's best run of any length (the 32,000-microbatch runs have no synchronous run of their length):")
     print("\n".join(best_reach_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
+    print("\nK = 32 against K = 1 in the same schedule (the K = 1 loss at a fraction of the run: the token ratio to it):")
+    print("\n".join(same_schedule_table([r for r in data if r["method"] != SYNC_METHOD])))
     if records:
         plot(records, Path("docs/results/run_length.png"))
     return 0

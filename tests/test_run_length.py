@@ -114,3 +114,15 @@ def test_the_best_run_of_any_length_on_each_side():
     assert rows[1] == ["1.4000 (8,000)", "30,000 (32,000)", "7,840 (8,000)", "3.83x"]
     lines = best_reach_table([run(8000, [(8000, 1.5)])], sync)
     assert lines[-1].endswith("| not reached in 8,000 | 7,840 (8,000) | > 1.02x |")
+
+
+def test_k32_against_k1_inside_the_same_schedule():
+    from run_length import same_schedule_table
+
+    def run(K, points):
+        return {"method": "muon-wp", "stages": K, "seed": 1, "updates": 8000, "val_loss": points[-1][1],
+                "curve": [{"step": s, "val_loss": v} for s, v in points]}
+    k1 = run(1, [(1000, 2.0), (2000, 1.8), (4000, 1.6), (8000, 1.5)])
+    k32 = run(32, [(1000, 2.5), (2000, 2.2), (3000, 1.95), (6000, 1.7), (8000, 1.55)])
+    lines = same_schedule_table([k32, k1, dict(k32, seed=2)])  # seed 2 has no K = 1 run: no row
+    assert lines[2:] == ["| muon-wp | 8,000 | 1 | 2.0000: 3.00x | 1.8000: 3.00x | 1.6000: 2.00x | 1.5000: > 1.00x |"]
