@@ -28,8 +28,8 @@ runs/corrections_<x>/:
 - b8lr: the two 2BW methods at lr 1e-2, seed 1: whether 3e-2, tuned for the synchronous
   schedule, is too large for a delayed one;
 - c1, c32: muon-wp-ef with the error feedback's c at 0.3 and 3 (besides 1, and 0, which is
-  muon-wp bit for bit) at K = 1 and K = 32, seed 1: if error feedback were a delay correction,
-  its best c would grow with the delay.
+  muon-wp bit for bit) at K = 1 and K = 32, seed 1 (c1s2, c32s2: seed 2): if error feedback were
+  a delay correction, its best c would grow with the delay.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -71,6 +71,8 @@ SWEEPS = {
     "b8lr": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1", "1e-2"),
     "c1": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "1"),
     "c32": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "1"),
+    "c1s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "2"),
+    "c32s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -124,7 +126,7 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-SCALE_PROBES = ("c1", "c32")  # the c probes: kept out of the paired table too
+SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2")  # the c probes: kept out of the paired table too
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(lr_table(runs["b8"] + probes, [ASYNC_2BW, "2bw-muon-ef"], 8)))
     scales = [r for name in SCALE_PROBES for r in runs[name]]
     if scales:
-        print("\nmuon-wp-ef against the error feedback's c (seed 1):")
+        print("\nmuon-wp-ef against the error feedback's c:")
         print("\n".join(scale_table(scales + pairable + run_length_muon_wp_k1())))
     return 0
 
