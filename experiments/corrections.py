@@ -28,8 +28,9 @@ runs/corrections_<x>/:
 - b8lr: the two 2BW methods at lr 1e-2, seed 1: whether 3e-2, tuned for the synchronous
   schedule, is too large for a delayed one;
 - c1, c32: muon-wp-ef with the error feedback's c at 0.3 and 3 (besides 1, and 0, which is
-  muon-wp bit for bit) at K = 1 and K = 32, seed 1 (c1s2, c32s2: seed 2): if error feedback were
-  a delay correction, its best c would grow with the delay.
+  muon-wp bit for bit) at K = 1 and K = 32, seed 1 (c1s2, c32s2: seed 2; c32x, c1x: c = 10, since
+  c = 3 was best at K = 32): if error feedback were a delay correction, its best c would grow
+  with the delay.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -73,6 +74,8 @@ SWEEPS = {
     "c32": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "1"),
     "c1s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "2"),
     "c32s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "2"),
+    "c32x": (["muon-wp-ef:optim.ef_scale=10"], "32", "1"),
+    "c1x": (["muon-wp-ef:optim.ef_scale=10"], "1", "1"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -126,7 +129,7 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2")  # the c probes: kept out of the paired table too
+SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x")  # the c probes: kept out of the paired table too
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -139,13 +142,16 @@ def scale_table(records: list[dict]) -> list[str]:
         return float(method[len(prefix):]) if method.startswith(prefix) else None
 
     probed = {(r["stages"], r["seed"]) for r in records if r["method"].startswith("muon-wp-ef:")}
-    lines = ["| K | seed | " + " | ".join(f"c = {c:g}" for c in (0.0, 0.3, 1.0, 3.0)) + " | best c |",
-             "|---|---|---|---|---|---|---|"]
+    scales = sorted({scale(r["method"]) for r in records if (r["stages"], r["seed"]) in probed} - {None})
+    lines = ["| K | seed | " + " | ".join(f"c = {c:g}" for c in scales) + " | best c |",
+             "|---|---|" + "---|" * (len(scales) + 1)]
     for K, seed in sorted(probed):
         loss = {scale(r["method"]): r["val_loss"] for r in records
                 if (r["stages"], r["seed"]) == (K, seed) and scale(r["method"]) is not None}
-        cells = " | ".join(f"{loss[c]:.4f}" if c in loss else "" for c in (0.0, 0.3, 1.0, 3.0))
-        lines.append(f"| {K} | {seed} | {cells} | {min(loss, key=loss.get):g} |")
+        cells = " | ".join(f"{loss[c]:.4f}" if c in loss else "" for c in scales)
+        best = min(loss, key=loss.get)
+        edge = " (top of the grid)" if best == max(loss) else ""
+        lines.append(f"| {K} | {seed} | {cells} | {best:g}{edge} |")
     return lines
 
 

@@ -50,7 +50,9 @@ def test_the_c_probes_sit_beside_muon_wp_as_c_0_and_muon_wp_ef_as_c_1():
                + runs("muon-wp-ef:optim.ef_scale=3", 32, [2.3]) + runs("muon-wp-ef", 1, [1.8, 1.7])
                + runs("muon", 32, [9.0]))  # K = 1 has no probe (no row); muon is not a point of the curve
     lines = scale_table(records)
-    assert lines[2:] == ["| 32 | 1 | 2.5000 | 2.4500 | 2.4000 | 2.3000 | 3 |"]
+    assert lines[2:] == ["| 32 | 1 | 2.5000 | 2.4500 | 2.4000 | 2.3000 | 3 (top of the grid) |"]
+    inner = [dict(r, val_loss=2.2) if r["method"] == "muon-wp-ef" else r for r in records]
+    assert scale_table(inner)[2].endswith("| 2.2000 | 2.3000 | 1 |")  # an interior best is not marked
     c1 = command("c1", 1)
     assert c1[c1.index("--methods") + 1].split(",") == ["muon-wp-ef:optim.ef_scale=0.3", "muon-wp-ef:optim.ef_scale=3"]
     assert c1[c1.index("--stages") + 1] == "1"
