@@ -50,8 +50,8 @@ from paired_runs import paired, read_runs, run_sweeps
 # The paper's own setting (arXiv 2606.30634): PipeDream-2BW (a delay of one update) with Muon,
 # with and without error feedback, against the synchronous schedule at the same M = 8 and K.
 SYNC_2BW, ASYNC_2BW = "gpipe-muon:pipeline.num_microbatches=8", "muon:pipeline.schedule=2bw"
-# (method, base): every correction against its base method, and the 2BW runs against synchronous
 EF_SCALES = ("0.3", "3")  # the error feedback's c probed besides its default 1 (and 0: muon-wp)
+# (method, base): every correction against its base method, and the 2BW runs against synchronous
 PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
          ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW)]
 SWEEPS = {
