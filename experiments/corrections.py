@@ -136,10 +136,8 @@ def scale_table(records: list[dict]) -> list[str]:
     """muon-wp-ef's final loss against its c, per K and seed (c = 0 is muon-wp, c = 1 the
     default), for every K and seed with a c probe."""
     def scale(method: str) -> float | None:
-        if method in ("muon-wp", "muon-wp-ef"):
-            return 0.0 if method == "muon-wp" else 1.0
         prefix = "muon-wp-ef:optim.ef_scale="
-        return float(method[len(prefix):]) if method.startswith(prefix) else None
+        return float(method[len(prefix):]) if method.startswith(prefix) else {"muon-wp": 0.0, "muon-wp-ef": 1.0}.get(method)
 
     probed = {(r["stages"], r["seed"]) for r in records if r["method"].startswith("muon-wp-ef:")}
     scales = sorted({scale(r["method"]) for r in records if (r["stages"], r["seed"]) in probed} - {None})

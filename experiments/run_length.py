@@ -1,5 +1,5 @@
 """The delay penalty against run length (issue 19): the same methods at K = 8 and 32 and their
-K = 1 controls, trained for 2,000 and for 8,000 microbatches on the benchmark regime
+K = 1 controls, trained for 2,000 and for 8,000 (one method: 32,000) microbatches on the benchmark regime
 (configs/bench.toml), from the repository root.
 
     python experiments/run_length.py --run     # the sweeps (resumable), then the table
@@ -20,7 +20,8 @@ the length:
 - 2k32s23, 8k32s23: muon-wp (the closest method to the target) at K = 32 and K = 1, seeds 2 and 3;
 - 8ksync: the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2, evaluated every 160
   microbatches) for 8,000 microbatches, seeds 2 and 3 (seed 1's run, and every seed's run of
-  2,000, are in docs/results/data/slow_links).
+  2,000, are in docs/results/data/slow_links);
+- 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -40,6 +41,7 @@ METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
 SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
+ORDER = METHODS + EF  # the order of the rows
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320), "32k": (32000, 320)}  # microbatches, evaluation interval
 # name -> (length, seeds, K, with K = 1 controls, methods)
 SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
@@ -117,7 +119,7 @@ def trend_table(records: list[dict]) -> list[str]:
     lengths = list(LENGTH)
     if len(lengths) < 3:
         return []
-    *_, short, mid, long = lengths
+    mid, long = lengths[-2:]
     ns = [LENGTH[length][0] for length in lengths]
     lines = ["| method | K | seed | " + " | ".join(f"penalty at {n:,}" for n in ns)
              + f" | predicted at {LENGTH[long][0]:,} | exponent {mid} to {long} | least-squares exponent |",
@@ -221,6 +223,12 @@ def merge_sync(*maps: dict) -> dict:
     return out
 
 
+def curve_of(run: dict) -> list[tuple[int, float]]:
+    """A run's evaluations as read_data reads them: [(microbatch, validation loss)] (an update of
+    the asynchronous methods is one microbatch)."""
+    return [(c["step"], c["val_loss"]) for c in run["curve"]]
+
+
 def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     """The first evaluated microbatch whose validation loss is at or below target."""
     return next((mb for mb, loss in curve if loss <= target), None)
@@ -234,7 +242,7 @@ def reach(run: dict, sync: dict) -> tuple[int | None, int | None] | None:
     if (run["seed"], n) not in sync or (run["seed"], short) not in sync:
         return None
     target = sync[(run["seed"], short)][0]
-    return (first_reach([(c["step"], c["val_loss"]) for c in run["curve"]], target),
+    return (first_reach(curve_of(run), target),
             first_reach(sync[(run["seed"], n)][1], target))
 
 
@@ -254,7 +262,7 @@ def sync_table(runs: list[dict], sync: dict) -> list[str]:
                 f"> {n / ref_reached:.2f}x" if ref_reached else "")
 
     ratios: dict[tuple[str, int, int], list[tuple[int | None, int | None]]] = {}
-    for r in sorted(runs, key=lambda r: (r["stages"], (METHODS + EF).index(r["method"]), r["updates"], r["seed"])):
+    for r in sorted(runs, key=lambda r: (r["stages"], ORDER.index(r["method"]), r["updates"], r["seed"])):
         n = r["updates"]
         got = reach(r, sync)
         if got is None:
@@ -292,9 +300,8 @@ def best_reach_table(runs: list[dict], sync: dict) -> list[str]:
     groups: dict[tuple[str, int, int], list[tuple[int, list[tuple[int, float]]]]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["stages"], r["seed"]), []).append(
-            (r["updates"], [(c["step"], c["val_loss"]) for c in r["curve"]]))
-    order = METHODS + EF
-    for (method, K, seed), curves in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]), kv[0][2])):
+            (r["updates"], curve_of(r)))
+    for (method, K, seed), curves in sorted(groups.items(), key=lambda kv: (kv[0][1], ORDER.index(kv[0][0]), kv[0][2])):
         longest = max(n for n, _ in curves)
         refs = sorted((n, value) for (s, n), value in sync.items() if s == seed)
         for n_ref, (target, _) in refs:
@@ -317,18 +324,16 @@ def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
     for the K = 1 run's evaluation at each fraction of the run, the first evaluation at which the
     run at K reaches that loss, divided by the first at which the K = 1 run does. A ratio read at
     the end of the K = 1 run needs the run at K to get there within the same length."""
-    curves = {(r["method"], r["stages"], r["updates"], r["seed"]): [(c["step"], c["val_loss"]) for c in r["curve"]]
-              for r in runs}
+    curves = {(r["method"], r["stages"], r["updates"], r["seed"]): curve_of(r) for r in runs}
     lines = ["| method | microbatches | seed | " + " | ".join(f"at {f:g} of the run" for f in FRACTIONS) + " |",
              "|---|---|---|" + "---|" * len(FRACTIONS)]
-    for (method, stages, n, seed), deep in sorted(curves.items(), key=lambda kv: ((METHODS + EF).index(kv[0][0]),
-                                                                                 kv[0][2], kv[0][3])):
+    for (method, stages, n, seed), deep in sorted(curves.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][2], kv[0][3])):
         flat = curves.get((method, 1, n, seed))
         if stages != K or not flat or not deep:
             continue
         cells = []
         for f in FRACTIONS:
-            mb, target = min(flat, key=lambda c: abs(c[0] - f * n))
+            _, target = min(flat, key=lambda c: abs(c[0] - f * n))
             theirs, ours = first_reach(flat, target), first_reach(deep, target)
             cells.append(f"{target:.4f}: {ours / theirs:.2f}x" if ours else f"{target:.4f}: > {n / theirs:.2f}x")
         lines.append(f"| {method} | {n:,} | {seed} | " + " | ".join(cells) + " |")
