@@ -30,7 +30,9 @@ runs/corrections_<x>/:
 - c1, c32: muon-wp-ef with the error feedback's c at 0.3 and 3 (besides 1, and 0, which is
   muon-wp bit for bit) at K = 1 and K = 32, seed 1 (c1s2, c32s2: seed 2; c32x, c1x: c = 10, since
   c = 3 was best at K = 32): if error feedback were a delay correction, its best c would grow
-  with the delay.
+  with the delay; c32s3, c1s3: c = 3 on seed 3; c32xs2: c = 10 on seed 2;
+- k8c3, k16c3: muon-wp-ef at c = 3 (EF_C3) at K = 8 and 16, seeds 1-3. EF_C3 is paired with
+  muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -42,18 +44,21 @@ docs/results/data/corrections/<x>/.
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
-from paired_runs import paired, read_runs, run_sweeps
+from paired_runs import mean_se, paired, read_runs, run_sweeps
 
 # The paper's own setting (arXiv 2606.30634): PipeDream-2BW (a delay of one update) with Muon,
 # with and without error feedback, against the synchronous schedule at the same M = 8 and K.
 SYNC_2BW, ASYNC_2BW = "gpipe-muon:pipeline.num_microbatches=8", "muon:pipeline.schedule=2bw"
+EF_C3 = "muon-wp-ef:optim.ef_scale=3"  # the best c at K = 32 (sweeps c32, c32s2)
 EF_SCALES = ("0.3", "3")  # the error feedback's c probed besides its default 1 (and 0: muon-wp)
 # (method, base): every correction against its base method, and the 2BW runs against synchronous
 PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
-         ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW)]
+         ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW),
+         (EF_C3, "muon-wp"), (EF_C3, "muon-wp-ef")]
 SWEEPS = {
     "k8": (["pipedream", "pipedream-ef", "pipedream-dc", "muon", "muon-ef"], "8", "1,2,3"),
     "k32m": (["muon", "muon-ef"], "32", "1,2,3"),
@@ -76,6 +81,11 @@ SWEEPS = {
     "c32s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "2"),
     "c32x": (["muon-wp-ef:optim.ef_scale=10"], "32", "1"),
     "c1x": (["muon-wp-ef:optim.ef_scale=10"], "1", "1"),
+    "c32s3": ([EF_C3], "32", "3"),
+    "c1s3": ([EF_C3], "1", "3"),
+    "c32xs2": (["muon-wp-ef:optim.ef_scale=10"], "32", "2"),
+    "k8c3": ([EF_C3], "8", "1,2,3"),
+    "k16c3": ([EF_C3], "16", "1,2,3"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -129,7 +139,8 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x")  # the c probes: kept out of the paired table too
+# the c probes: kept out of the paired table too, but for their runs at c = 3 (EF_C3, a method of its own there)
+SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2")
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -153,6 +164,22 @@ def scale_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def penalty_table(records: list[dict]) -> list[str]:
+    """The delay penalty of every method with K = 1 runs: its loss at K minus its loss at K = 1,
+    paired by seed (and machine), mean +- s.e. over the seeds with both runs."""
+    losses = {(r["method"], r["stages"], r["seed"], r.get("machine")): r["val_loss"] for r in records}
+    lines = ["| method | K | seeds | loss at K = 1 | loss at K | delay penalty +- s.e. |", "|---|---|---|---|---|---|"]
+    for method in sorted({m for m, k, _, _ in losses if k == 1}):
+        for K in sorted({k for m, k, _, _ in losses if m == method and k > 1}):
+            pairs = [(losses[(method, 1, s, mach)], v) for (m, k, s, mach), v in sorted(losses.items(), key=str)
+                     if m == method and k == K and (method, 1, s, mach) in losses]
+            if pairs:
+                k1, at_k = statistics.fmean(a for a, _ in pairs), statistics.fmean(b for _, b in pairs)
+                lines.append(f"| {method} | {K} | {len(pairs)} | {k1:.4f} | {at_k:.4f} | "
+                             f"{mean_se([b - a for a, b in pairs])} |")
+    return lines
+
+
 def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
     """Each method's final loss at every lr it has runs for, per seed (the lr probes)."""
     lines = ["| method | K | seed | lr | final validation loss |", "|---|---|---|---|---|"]
@@ -166,7 +193,9 @@ def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     runs = {name: read_runs(DATA / name) for name in SWEEPS}
     pairable = [r for name in SWEEPS if name not in LR_PROBES + SCALE_PROBES for r in runs[name]]
-    print("\n".join(table(pairable + compression_muon_wp() + run_length_muon_wp_k1())))
+    pairable += [r for name in SCALE_PROBES for r in runs[name] if r["method"] == EF_C3]
+    records = pairable + compression_muon_wp() + run_length_muon_wp_k1()
+    print("\n".join(table(records)))
     probes = [r for name in LR_PROBES for r in runs[name]]
     if probes:
         print("\nThe 2BW runs at two lrs:")
@@ -174,7 +203,9 @@ def main(argv: list[str]) -> int:
     scales = [r for name in SCALE_PROBES for r in runs[name]]
     if scales:
         print("\nmuon-wp-ef against the error feedback's c:")
-        print("\n".join(scale_table(scales + pairable + run_length_muon_wp_k1())))
+        print("\n".join(scale_table(scales + records)))
+    print("\nThe delay penalty of every method with K = 1 runs (paired by seed):")
+    print("\n".join(penalty_table(records)))
     return 0
 
 

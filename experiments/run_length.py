@@ -21,7 +21,11 @@ the length:
 - 8ksync: the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2, evaluated every 160
   microbatches) for 8,000 microbatches, seeds 2 and 3 (seed 1's run, and every seed's run of
   2,000, are in docs/results/data/slow_links);
-- 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320).
+- 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320);
+- 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 in
+  corrections.py's c probes) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
+  32,000 without one. Its runs of 2,000 microbatches are the c probes' (corrections.py's data,
+  C3_SWEEPS: the same regime, evaluation interval and machine).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -39,9 +43,10 @@ from paired_runs import mean_se, read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
+EF_C3 = "muon-wp-ef:optim.ef_scale=3"  # with the error feedback's c at 3: best at K = 32 (corrections.py)
 SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
-ORDER = METHODS + EF  # the order of the rows
+ORDER = METHODS + EF + [EF_C3]  # the order of the rows
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320), "32k": (32000, 320)}  # microbatches, evaluation interval
 # name -> (length, seeds, K, with K = 1 controls, methods)
 SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
@@ -50,8 +55,17 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
           "2k32ef": ("2k", "1", 32, False, EF), "8k32ef": ("8k", "1", 32, False, EF),
           "2k32s23": ("2k", "2,3", 32, True, ["muon-wp"]), "8k32s23": ("8k", "2,3", 32, True, ["muon-wp"]),
           "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD]),
-          "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"])}
+          "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"]),
+          "8k32c3": ("8k", "1", 32, True, [EF_C3]), "32k32c3": ("32k", "1", 32, False, [EF_C3])}
 DATA = Path("docs/results/data/run_length")
+# EF_C3's runs of 2,000 microbatches: corrections.py's c probes (same regime, evaluation interval
+# and machine), at K = 1 and 32
+CORRECTIONS, C3_SWEEPS = Path("docs/results/data/corrections"), ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3")
+
+
+def corrections_c3(read) -> list[dict]:
+    """EF_C3's runs in corrections.py's data, read with read_runs or read_data."""
+    return [r for name in C3_SWEEPS for r in read(CORRECTIONS / name) if r["method"] == EF_C3]
 
 
 def command(name: str, jobs: int) -> list[str]:
@@ -83,7 +97,7 @@ def table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for K in STAGES:
         pens = penalties(records, K)
-        for method in METHODS:
+        for method in ORDER:
             for length in LENGTH:
                 rows = pens.get((method, length))
                 if rows:
@@ -96,7 +110,7 @@ def table(records: list[dict]) -> list[str]:
               "exponent a in penalty ~ N^a |", "|---|---|---|---|---|---|---|"]
     for K in STAGES:
         pens = penalties(records, K)
-        for method in METHODS:
+        for method in ORDER:
             short = {s: p for s, _, p in pens.get((method, "2k"), [])}
             exponents = []
             for seed, _, p in pens.get((method, "8k"), []):
@@ -343,6 +357,7 @@ def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: SWEEPS[name][4])
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
+    records += [dict(r, length="2k") for r in corrections_c3(read_runs)]
     print("\n".join(table(records)))
     trend = trend_table(records)
     if trend:
@@ -350,7 +365,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(trend))
     with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
         sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
-    data = [r for name in SWEEPS for r in read_data(DATA / name)]
+    data = [r for name in SWEEPS for r in read_data(DATA / name)] + corrections_c3(read_data)
     sync = merge_sync(sync, sync_of_runs(data))
     print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))

@@ -56,3 +56,26 @@ def test_the_c_probes_sit_beside_muon_wp_as_c_0_and_muon_wp_ef_as_c_1():
     c1 = command("c1", 1)
     assert c1[c1.index("--methods") + 1].split(",") == ["muon-wp-ef:optim.ef_scale=0.3", "muon-wp-ef:optim.ef_scale=3"]
     assert c1[c1.index("--stages") + 1] == "1"
+
+
+def test_the_delay_penalty_pairs_each_seed_with_its_own_k1_run_on_the_same_machine():
+    from corrections import penalty_table
+
+    records = (runs("muon-wp", 1, [1.8, 1.9, 1.7]) + runs("muon-wp", 32, [2.5, 2.4]) + runs("muon-wp", 8, [2.0, 2.1, 2.0])
+               + runs("pipedream", 8, [2.6]))  # no K = 1 run: no row
+    other = [dict(r, machine="b") for r in runs("muon-wp", 16, [9.0])]  # seed 1 on another machine: no pair
+    lines = penalty_table(records + other)
+    assert lines[2:] == ["| muon-wp | 8 | 3 | 1.8000 | 2.0333 | +0.2333 +- 0.0333 |",  # +0.2, +0.2, +0.3
+                         "| muon-wp | 32 | 2 | 1.8500 | 2.4500 | +0.6000 +- 0.1000 |"]  # +0.7, +0.5
+
+
+def test_error_feedback_at_c_3_pairs_with_its_base_and_with_the_default_c():
+    from corrections import EF_C3
+
+    records = runs("muon-wp", 16, [2.2, 2.1]) + runs("muon-wp-ef", 16, [2.1, 2.1]) + runs(EF_C3, 16, [2.0, 1.9])
+    rows = [line for line in table(records) if line.startswith(f"| {EF_C3} | muon-wp")]
+    assert rows == [f"| {EF_C3} | muon-wp | 16 | 2 | 2.1500 | 1.9500 | -0.2000 +- 0.0000 |",
+                    f"| {EF_C3} | muon-wp-ef | 16 | 2 | 2.1000 | 1.9500 | -0.1500 +- 0.0500 |"]
+    for name, K, seeds in [("k8c3", "8", "1,2,3"), ("k16c3", "16", "1,2,3"), ("c32s3", "32", "3"), ("c1s3", "1", "3")]:
+        cmd = command(name, 1)
+        assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--seeds") + 1]) == (EF_C3, K, seeds)
