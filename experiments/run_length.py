@@ -24,7 +24,8 @@ the length:
 - 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320);
 - 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 in
   corrections.py's c probes) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
-  32,000 without one. Its runs of 2,000 microbatches are the c probes' (corrections.py's data,
+  32,000 without one; 8k32c3s2, 8k32c3s3: the same at 8,000 on seeds 2 and 3, without K = 1
+  controls (they enter the comparison with the synchronous reference). Its runs of 2,000 microbatches are the c probes' (corrections.py's data,
   C3_SWEEPS: the same regime, evaluation interval and machine).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
@@ -56,7 +57,8 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
           "2k32s23": ("2k", "2,3", 32, True, ["muon-wp"]), "8k32s23": ("8k", "2,3", 32, True, ["muon-wp"]),
           "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD]),
           "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"]),
-          "8k32c3": ("8k", "1", 32, True, [EF_C3]), "32k32c3": ("32k", "1", 32, False, [EF_C3])}
+          "8k32c3": ("8k", "1", 32, True, [EF_C3]), "32k32c3": ("32k", "1", 32, False, [EF_C3]),
+          "8k32c3s2": ("8k", "2", 32, False, [EF_C3]), "8k32c3s3": ("8k", "3", 32, False, [EF_C3])}
 DATA = Path("docs/results/data/run_length")
 # EF_C3's runs of 2,000 microbatches: corrections.py's c probes (same regime, evaluation interval
 # and machine), at K = 1 and 32
