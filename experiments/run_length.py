@@ -335,24 +335,33 @@ def best_reach_table(runs: list[dict], sync: dict) -> list[str]:
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
+MUON_K1 = "muon-wp"  # at K = 1 muon-wp is Muon bit for bit (no delay to predict across)
+
+
 def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
     """Tokens at K against tokens at K = 1 inside the same run length (the same cosine schedule):
     for the K = 1 run's evaluation at each fraction of the run, the first evaluation at which the
     run at K reaches that loss, divided by the first at which the K = 1 run does. A ratio read at
-    the end of the K = 1 run needs the run at K to get there within the same length."""
+    the end of the K = 1 run needs the run at K to get there within the same length. Each run at
+    K is read against its own method's K = 1 run and, for a method other than muon-wp, also
+    against Muon's (MUON_K1's) K = 1 run of the same seed and length."""
     curves = {(r["method"], r["stages"], r["updates"], r["seed"]): curve_of(r) for r in runs}
-    lines = ["| method | microbatches | seed | " + " | ".join(f"at {f:g} of the run" for f in FRACTIONS) + " |",
-             "|---|---|---|" + "---|" * len(FRACTIONS)]
+    lines = ["| method | microbatches | seed | K = 1 run | " + " | ".join(f"at {f:g} of the run" for f in FRACTIONS) + " |",
+             "|---|---|---|---|" + "---|" * len(FRACTIONS)]
     for (method, stages, n, seed), deep in sorted(curves.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][2], kv[0][3])):
-        flat = curves.get((method, 1, n, seed))
-        if stages != K or not flat or not deep:
+        if stages != K or not deep:
             continue
-        cells = []
-        for f in FRACTIONS:
-            _, target = min(flat, key=lambda c: abs(c[0] - f * n))
-            theirs, ours = first_reach(flat, target), first_reach(deep, target)
-            cells.append(f"{target:.4f}: {ours / theirs:.2f}x" if ours else f"{target:.4f}: > {n / theirs:.2f}x")
-        lines.append(f"| {method} | {n:,} | {seed} | " + " | ".join(cells) + " |")
+        for reference in dict.fromkeys([method, MUON_K1]):
+            flat = curves.get((reference, 1, n, seed))
+            if not flat:
+                continue
+            cells = []
+            for f in FRACTIONS:
+                _, target = min(flat, key=lambda c: abs(c[0] - f * n))
+                theirs, ours = first_reach(flat, target), first_reach(deep, target)
+                cells.append(f"{target:.4f}: {ours / theirs:.2f}x" if ours else f"{target:.4f}: > {n / theirs:.2f}x")
+            label = "its own" if reference == method else f"Muon's ({reference})"
+            lines.append(f"| {method} | {n:,} | {seed} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -125,7 +125,13 @@ def test_k32_against_k1_inside_the_same_schedule():
     k1 = run(1, [(1000, 2.0), (2000, 1.8), (4000, 1.6), (8000, 1.5)])
     k32 = run(32, [(1000, 2.5), (2000, 2.2), (3000, 1.95), (6000, 1.7), (8000, 1.55)])
     lines = same_schedule_table([k32, k1, dict(k32, seed=2)])  # seed 2 has no K = 1 run: no row
-    assert lines[2:] == ["| muon-wp | 8,000 | 1 | 2.0000: 3.00x | 1.8000: 3.00x | 1.6000: 2.00x | 1.5000: > 1.00x |"]
+    assert lines[2:] == ["| muon-wp | 8,000 | 1 | its own | 2.0000: 3.00x | 1.8000: 3.00x | 1.6000: 2.00x | 1.5000: > 1.00x |"]
+    # another method is read against its own K = 1 run where it has one, and against Muon's
+    ef = dict(k32, method="muon-wp-ef", curve=[{"step": 1000, "val_loss": 2.0}, {"step": 8000, "val_loss": 1.4}])
+    ef1 = dict(k1, method="muon-wp-ef", curve=[{"step": 1000, "val_loss": 1.9}, {"step": 8000, "val_loss": 1.3}])
+    assert same_schedule_table([ef, k1])[2:] == [
+        "| muon-wp-ef | 8,000 | 1 | Muon's (muon-wp) | 2.0000: 1.00x | 1.8000: 4.00x | 1.6000: 2.00x | 1.5000: 1.00x |"]
+    assert [line.split(" | ")[3] for line in same_schedule_table([ef, ef1, k1])[2:]] == ["its own", "Muon's (muon-wp)"]
 
 
 def test_error_feedback_at_c_3_takes_its_short_runs_from_the_c_probes(tmp_path, monkeypatch):
