@@ -25,8 +25,9 @@ the length:
 - 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 in
   corrections.py's c probes) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
   32,000 without one; 8k32c3s2, 8k32c3s3: the same at 8,000 on seeds 2 and 3, without K = 1
-  controls (they enter the comparison with the synchronous reference). Its runs of 2,000 microbatches are the c probes' (corrections.py's data,
-  C3_SWEEPS: the same regime, evaluation interval and machine).
+  controls (they enter the comparison with the synchronous reference). Its runs of 2,000
+  microbatches are the c probes' (corrections.py's data, C3_SWEEPS: the same regime, evaluation
+  interval and machine).
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -40,11 +41,12 @@ import statistics
 import sys
 from pathlib import Path
 
+from corrections import DATA as CORRECTIONS
+from corrections import EF_C3  # muon-wp-ef with the error feedback's c at 3, the best c at K = 32
 from paired_runs import mean_se, read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
-EF_C3 = "muon-wp-ef:optim.ef_scale=3"  # with the error feedback's c at 3: best at K = 32 (corrections.py)
 SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
 ORDER = METHODS + EF + [EF_C3]  # the order of the rows
@@ -62,7 +64,7 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
 DATA = Path("docs/results/data/run_length")
 # EF_C3's runs of 2,000 microbatches: corrections.py's c probes (same regime, evaluation interval
 # and machine), at K = 1 and 32
-CORRECTIONS, C3_SWEEPS = Path("docs/results/data/corrections"), ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3")
+C3_SWEEPS = ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3")
 
 
 def corrections_c3(read) -> list[dict]:
