@@ -32,7 +32,8 @@ runs/corrections_<x>/:
   c = 3 was best at K = 32): if error feedback were a delay correction, its best c would grow
   with the delay; c32s3, c1s3: c = 3 on seed 3; c32xs2: c = 10 on seed 2;
 - k8c3, k16c3: muon-wp-ef at c = 3 (EF_C3) at K = 8 and 16, seeds 1-3. EF_C3 is paired with
-  muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included.
+  muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included;
+  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid.
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -86,6 +87,8 @@ SWEEPS = {
     "c32xs2": (["muon-wp-ef:optim.ef_scale=10"], "32", "2"),
     "k8c3": ([EF_C3], "8", "1,2,3"),
     "k16c3": ([EF_C3], "16", "1,2,3"),
+    "c8x": (["muon-wp-ef:optim.ef_scale=10"], "8", "1"),
+    "c16x": (["muon-wp-ef:optim.ef_scale=10"], "16", "1"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -140,7 +143,7 @@ def table(records: list[dict]) -> list[str]:
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
 # the c probes: kept out of the paired table too, but for their runs at c = 3 (EF_C3, a method of its own there)
-SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2")
+SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x")
 
 
 def scale_table(records: list[dict]) -> list[str]:
