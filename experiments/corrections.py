@@ -45,16 +45,20 @@ docs/results/data/corrections/<x>/.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
-from paired_runs import mean_se, paired, read_runs, run_sweeps
+from paired_runs import paired, read_runs, run_sweeps
 
 # The paper's own setting (arXiv 2606.30634): PipeDream-2BW (a delay of one update) with Muon,
 # with and without error feedback, against the synchronous schedule at the same M = 8 and K.
 SYNC_2BW, ASYNC_2BW = "gpipe-muon:pipeline.num_microbatches=8", "muon:pipeline.schedule=2bw"
-EF_C3 = "muon-wp-ef:optim.ef_scale=3"  # the best c at K = 32 (sweeps c32, c32s2)
+def ef_at(c: str) -> str:
+    """muon-wp-ef with the error feedback's c at c, as a sweep's method."""
+    return f"muon-wp-ef:optim.ef_scale={c}"
+
+
+EF_C3 = ef_at("3")  # the best c at K = 32 (sweeps c32, c32s2)
 EF_SCALES = ("0.3", "3")  # the error feedback's c probed besides its default 1 (and 0: muon-wp)
 # (method, base): every correction against its base method, and the 2BW runs against synchronous
 PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
@@ -76,19 +80,19 @@ SWEEPS = {
     "b8": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1,2,3", "3e-2"),
     "b8sync": ([SYNC_2BW], "8", "1,2,3", "3e-2"),
     "b8lr": ([ASYNC_2BW, "2bw-muon-ef"], "8", "1", "1e-2"),
-    "c1": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "1"),
-    "c32": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "1"),
-    "c1s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "1", "2"),
-    "c32s2": ([f"muon-wp-ef:optim.ef_scale={c}" for c in EF_SCALES], "32", "2"),
-    "c32x": (["muon-wp-ef:optim.ef_scale=10"], "32", "1"),
-    "c1x": (["muon-wp-ef:optim.ef_scale=10"], "1", "1"),
+    "c1": ([ef_at(c) for c in EF_SCALES], "1", "1"),
+    "c32": ([ef_at(c) for c in EF_SCALES], "32", "1"),
+    "c1s2": ([ef_at(c) for c in EF_SCALES], "1", "2"),
+    "c32s2": ([ef_at(c) for c in EF_SCALES], "32", "2"),
+    "c32x": ([ef_at("10")], "32", "1"),
+    "c1x": ([ef_at("10")], "1", "1"),
     "c32s3": ([EF_C3], "32", "3"),
     "c1s3": ([EF_C3], "1", "3"),
-    "c32xs2": (["muon-wp-ef:optim.ef_scale=10"], "32", "2"),
+    "c32xs2": ([ef_at("10")], "32", "2"),
     "k8c3": ([EF_C3], "8", "1,2,3"),
     "k16c3": ([EF_C3], "16", "1,2,3"),
-    "c8x": (["muon-wp-ef:optim.ef_scale=10"], "8", "1"),
-    "c16x": (["muon-wp-ef:optim.ef_scale=10"], "16", "1"),
+    "c8x": ([ef_at("10")], "8", "1"),
+    "c16x": ([ef_at("10")], "16", "1"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -150,7 +154,7 @@ def scale_table(records: list[dict]) -> list[str]:
     """muon-wp-ef's final loss against its c, per K and seed (c = 0 is muon-wp, c = 1 the
     default), for every K and seed with a c probe."""
     def scale(method: str) -> float | None:
-        prefix = "muon-wp-ef:optim.ef_scale="
+        prefix = ef_at("")
         return float(method[len(prefix):]) if method.startswith(prefix) else {"muon-wp": 0.0, "muon-wp-ef": 1.0}.get(method)
 
     probed = {(r["stages"], r["seed"]) for r in records if r["method"].startswith("muon-wp-ef:")}
@@ -170,16 +174,14 @@ def scale_table(records: list[dict]) -> list[str]:
 def penalty_table(records: list[dict]) -> list[str]:
     """The delay penalty of every method with K = 1 runs: its loss at K minus its loss at K = 1,
     paired by seed (and machine), mean +- s.e. over the seeds with both runs."""
-    losses = {(r["method"], r["stages"], r["seed"], r.get("machine")): r["val_loss"] for r in records}
     lines = ["| method | K | seeds | loss at K = 1 | loss at K | delay penalty +- s.e. |", "|---|---|---|---|---|---|"]
-    for method in sorted({m for m, k, _, _ in losses if k == 1}):
-        for K in sorted({k for m, k, _, _ in losses if m == method and k > 1}):
-            pairs = [(losses[(method, 1, s, mach)], v) for (m, k, s, mach), v in sorted(losses.items(), key=str)
-                     if m == method and k == K and (method, 1, s, mach) in losses]
-            if pairs:
-                k1, at_k = statistics.fmean(a for a, _ in pairs), statistics.fmean(b for _, b in pairs)
-                lines.append(f"| {method} | {K} | {len(pairs)} | {k1:.4f} | {at_k:.4f} | "
-                             f"{mean_se([b - a for a, b in pairs])} |")
+    for method in sorted({r["method"] for r in records if r["stages"] == 1}):
+        for K in sorted({r["stages"] for r in records if r["method"] == method and r["stages"] > 1}):
+            stats = paired(records, method, method, K, base_stages=1)
+            if stats is not None:
+                n, k1, at_k, diff, se = stats
+                lines.append(f"| {method} | {K} | {n} | {k1:.4f} | {at_k:.4f} | {diff:+.4f}"
+                             + (f" +- {se:.4f} |" if n > 1 else " |"))
     return lines
 
 

@@ -149,14 +149,17 @@ def best_of(losses: dict) -> object:
     return min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
 
 
-def paired(records: list[dict], method: str, base: str, stages: int) -> tuple[int, float, float, float, float] | None:
+def paired(records: list[dict], method: str, base: str, stages: int,
+           base_stages: int | None = None) -> tuple[int, float, float, float, float] | None:
     """(pairs, mean loss of base, mean loss of method, mean difference, its standard error) over
     the seeds that both have at this K on the same machine (a record's optional "machine"; runs
     on two hosts differ in their last bits, and 2,000 updates make that a different run); None
-    when no seed has both."""
+    when no seed has both. With base_stages, the base runs are those at that K instead (the
+    method against its own K = 1 runs: its delay penalty)."""
+    base_k = stages if base_stages is None else base_stages
     losses = {(r["method"], r["stages"], r["seed"], r.get("machine")): r["val_loss"] for r in records}
-    pairs = [(losses[(base, stages, s, m)], v) for (name, k, s, m), v in sorted(losses.items(), key=str)
-             if name == method and k == stages and (base, stages, s, m) in losses]
+    pairs = [(losses[(base, base_k, s, m)], v) for (name, k, s, m), v in sorted(losses.items(), key=str)
+             if name == method and k == stages and (base, base_k, s, m) in losses]
     if not pairs:
         return None
     diffs = [v - b for b, v in pairs]
