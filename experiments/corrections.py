@@ -33,7 +33,13 @@ runs/corrections_<x>/:
   with the delay; c32s3, c1s3: c = 3 on seed 3; c32xs2: c = 10 on seed 2;
 - k8c3, k16c3: muon-wp-ef at c = 3 (EF_C3) at K = 8 and 16, seeds 1-3. EF_C3 is paired with
   muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included;
-  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid.
+  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c10s23,
+  c32xs3: c = 10 on the other seeds (K = 8 and 16: seeds 2, 3; K = 32: seed 3), so that c = 3's
+  optimum is checked on every seed; c5k32, c5k: c = 5, between the two, at K = 32 (seeds 1, 2)
+  and at K = 1, 8, 16 (seed 1);
+- c3lr32, c3lr8: EF_C3 at lr 1e-3 and 1e-2 (besides 3e-3), K = 32 and 8, seed 1: c and the lr
+  tuned jointly (muon-wp-ef's lr was tuned at c = 1, where K = 8 chose 1e-2; docs/results/
+  convergence.md, "The lr at depth").
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -93,6 +99,12 @@ SWEEPS = {
     "k16c3": ([EF_C3], "16", "1,2,3"),
     "c8x": ([ef_at("10")], "8", "1"),
     "c16x": ([ef_at("10")], "16", "1"),
+    "c3lr32": ([EF_C3], "32", "1", "1e-3,1e-2"),
+    "c5k32": ([ef_at("5")], "32", "1,2"),
+    "c3lr8": ([EF_C3], "8", "1", "1e-3,1e-2"),
+    "c5k": ([ef_at("5")], "1,8,16", "1"),
+    "c10s23": ([ef_at("10")], "8,16", "2,3"),
+    "c32xs3": ([ef_at("10")], "32", "3"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -146,8 +158,10 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
+C3_LR_PROBES = ("c3lr32", "c3lr8")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
 # the c probes: kept out of the paired table too, but for their runs at c = 3 (EF_C3, a method of its own there)
-SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x")
+SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
+                "c10s23", "c32xs3")
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -194,10 +208,27 @@ def lr_table(records: list[dict], methods: list[str], stages: int) -> list[str]:
     return lines
 
 
+def lr_grid(records: list[dict], method: str) -> list[str]:
+    """method's final loss against its lr, per K and seed with runs at more than one lr; the best
+    lr is marked when it sits on an edge of what was tried."""
+    runs = [r for r in records if r["method"] == method]
+    lrs = sorted({r["lr"] for r in runs})
+    lines = ["| K | seed | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |", "|---|---|" + "---|" * (len(lrs) + 1)]
+    for K, seed in sorted({(r["stages"], r["seed"]) for r in runs}):
+        loss = {r["lr"]: r["val_loss"] for r in runs if (r["stages"], r["seed"]) == (K, seed)}
+        if len(loss) < 2:
+            continue
+        best = min(loss, key=loss.get)
+        edge = " (top of the grid)" if best == max(loss) else " (bottom of the grid)" if best == min(loss) else ""
+        cells = " | ".join(f"{loss[lr]:.4f}" if lr in loss else "" for lr in lrs)
+        lines.append(f"| {K} | {seed} | {cells} | {best:g}{edge} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     runs = {name: read_runs(DATA / name) for name in SWEEPS}
-    pairable = [r for name in SWEEPS if name not in LR_PROBES + SCALE_PROBES for r in runs[name]]
+    pairable = [r for name in SWEEPS if name not in LR_PROBES + C3_LR_PROBES + SCALE_PROBES for r in runs[name]]
     pairable += [r for name in SCALE_PROBES for r in runs[name] if r["method"] == EF_C3]
     records = pairable + compression_muon_wp() + run_length_muon_wp_k1()
     print("\n".join(table(records)))
@@ -209,6 +240,10 @@ def main(argv: list[str]) -> int:
     if scales:
         print("\nmuon-wp-ef against the error feedback's c:")
         print("\n".join(scale_table(scales + records)))
+    c3_lrs = [r for name in C3_LR_PROBES for r in runs[name]]
+    if c3_lrs:
+        print(f"\n{EF_C3} against the lr (3e-3: the runs of the paired table):")
+        print("\n".join(lr_grid(c3_lrs + records, EF_C3)))
     print("\nThe delay penalty of every method with K = 1 runs (paired by seed):")
     print("\n".join(penalty_table(records)))
     return 0

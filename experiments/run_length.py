@@ -20,7 +20,7 @@ the length:
 - 2k32s23, 8k32s23: muon-wp (the closest method to the target) at K = 32 and K = 1, seeds 2 and 3;
 - 8ksync: the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2, evaluated every 160
   microbatches) for 8,000 microbatches, seeds 2 and 3 (seed 1's run, and every seed's run of
-  2,000, are in docs/results/data/slow_links);
+  2,000, are in docs/results/data/slow_links); 32ksync: the same for 32,000 microbatches, seed 1;
 - 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320);
 - 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 in
   corrections.py's c probes) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
@@ -60,7 +60,8 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
           "8ksync": ("8k", "2,3", 1, False, [SYNC_METHOD]),
           "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"]),
           "8k32c3": ("8k", "1", 32, True, [EF_C3]), "32k32c3": ("32k", "1", 32, False, [EF_C3]),
-          "8k32c3s2": ("8k", "2", 32, False, [EF_C3]), "8k32c3s3": ("8k", "3", 32, False, [EF_C3])}
+          "8k32c3s2": ("8k", "2", 32, False, [EF_C3]), "8k32c3s3": ("8k", "3", 32, False, [EF_C3]),
+          "32ksync": ("32k", "1", 1, False, [SYNC_METHOD])}
 DATA = Path("docs/results/data/run_length")
 # EF_C3's runs of 2,000 microbatches: corrections.py's c probes (same regime, evaluation interval
 # and machine), at K = 1 and 32
@@ -340,21 +341,25 @@ FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 MUON_K1 = "muon-wp"  # at K = 1 muon-wp is Muon bit for bit (no delay to predict across)
 
 
-def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
+def same_schedule_table(runs: list[dict], K: int = 32, sync: dict | None = None) -> list[str]:
     """Tokens at K against tokens at K = 1 inside the same run length (the same cosine schedule):
     for the K = 1 run's evaluation at each fraction of the run, the first evaluation at which the
     run at K reaches that loss, divided by the first at which the K = 1 run does. A ratio read at
     the end of the K = 1 run needs the run at K to get there within the same length. Each run at
     K is read against its own method's K = 1 run and, for a method other than muon-wp, also
-    against Muon's (MUON_K1's) K = 1 run of the same seed and length."""
+    against Muon's (MUON_K1's) K = 1 run of the same seed and length, and against the best
+    synchronous schedule's run of the same seed and length where `sync` (sync_reference's map)
+    has one: the project's target read inside one schedule."""
     curves = {(r["method"], r["stages"], r["updates"], r["seed"]): curve_of(r) for r in runs}
     lines = ["| method | microbatches | seed | K = 1 run | " + " | ".join(f"at {f:g} of the run" for f in FRACTIONS) + " |",
              "|---|---|---|---|" + "---|" * len(FRACTIONS)]
     for (method, stages, n, seed), deep in sorted(curves.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][2], kv[0][3])):
         if stages != K or not deep:
             continue
-        for reference in dict.fromkeys([method, MUON_K1]):
-            flat = curves.get((reference, 1, n, seed))
+        refs = [("its own" if reference == method else f"Muon's ({reference})", curves.get((reference, 1, n, seed)))
+                for reference in dict.fromkeys([method, MUON_K1])]
+        refs.append((f"synchronous ({SYNC_METHOD})", (sync or {}).get((seed, n), (None, None))[1]))
+        for label, flat in refs:
             if not flat:
                 continue
             cells = []
@@ -362,7 +367,6 @@ def same_schedule_table(runs: list[dict], K: int = 32) -> list[str]:
                 _, target = min(flat, key=lambda c: abs(c[0] - f * n))
                 theirs, ours = first_reach(flat, target), first_reach(deep, target)
                 cells.append(f"{target:.4f}: {ours / theirs:.2f}x" if ours else f"{target:.4f}: > {n / theirs:.2f}x")
-            label = "its own" if reference == method else f"Muon's ({reference})"
             lines.append(f"| {method} | {n:,} | {seed} | {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -384,8 +388,9 @@ def main(argv: list[str]) -> int:
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
     print("\nEach side's best run of any length (the 32,000-microbatch runs have no synchronous run of their length):")
     print("\n".join(best_reach_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
-    print("\nK = 32 against K = 1 in the same schedule (the K = 1 loss at a fraction of the run: the token ratio to it):")
-    print("\n".join(same_schedule_table([r for r in data if r["method"] != SYNC_METHOD])))
+    print("\nK = 32 against K = 1 and the synchronous schedule in the same schedule (the reference's loss at a fraction"
+          " of the run: the token ratio to it):")
+    print("\n".join(same_schedule_table([r for r in data if r["method"] != SYNC_METHOD], sync=sync)))
     if records:
         plot(records, Path("docs/results/run_length.png"))
     return 0

@@ -79,3 +79,22 @@ def test_error_feedback_at_c_3_pairs_with_its_base_and_with_the_default_c():
     for name, K, seeds in [("k8c3", "8", "1,2,3"), ("k16c3", "16", "1,2,3"), ("c32s3", "32", "3"), ("c1s3", "1", "3")]:
         cmd = command(name, 1)
         assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--seeds") + 1]) == (EF_C3, K, seeds)
+
+
+def test_the_lr_grid_of_c_3_marks_an_optimum_on_either_edge():
+    from corrections import EF_C3, lr_grid
+
+    def at(lr, K, seed, v):
+        return {"method": EF_C3, "stages": K, "seed": seed, "lr": lr, "val_loss": v}
+
+    records = [at(1e-3, 32, 1, 2.4), at(3e-3, 32, 1, 2.3), at(1e-2, 32, 1, 2.5),  # interior
+               at(1e-3, 8, 1, 1.9), at(3e-3, 8, 1, 1.88), at(1e-2, 8, 1, 1.85),  # top edge
+               at(3e-3, 8, 2, 1.7),  # one lr only: no row
+               dict(at(1e-2, 32, 2, 1.0), method="muon-wp-ef")]  # another method: not read
+    assert lr_grid(records, EF_C3) == ["| K | seed | lr 0.001 | lr 0.003 | lr 0.01 | best lr |", "|---|---|---|---|---|---|",
+                                       "| 8 | 1 | 1.9000 | 1.8800 | 1.8500 | 0.01 (top of the grid) |",
+                                       "| 32 | 1 | 2.4000 | 2.3000 | 2.5000 | 0.003 |"]
+    low = [dict(r, val_loss=1.0) if r["lr"] == 1e-3 and r["stages"] == 32 else r for r in records]
+    assert lr_grid(low, EF_C3)[3] == "| 32 | 1 | 1.0000 | 2.3000 | 2.5000 | 0.001 (bottom of the grid) |"
+    cmd = command("c3lr32", 1)
+    assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--lrs") + 1]) == (EF_C3, "32", "1e-3,1e-2")

@@ -132,6 +132,12 @@ def test_k32_against_k1_inside_the_same_schedule():
     assert same_schedule_table([ef, k1])[2:] == [
         "| muon-wp-ef | 8,000 | 1 | Muon's (muon-wp) | 2.0000: 1.00x | 1.8000: 4.00x | 1.6000: 2.00x | 1.5000: 1.00x |"]
     assert [line.split(" | ")[3] for line in same_schedule_table([ef, ef1, k1])[2:]] == ["its own", "Muon's (muon-wp)"]
+    # the best synchronous schedule's run of the same seed and length is a reference too (its
+    # curve in microbatches, as sync_reference gives it); another length or seed is not
+    sync = {(1, 8000): (1.45, [(1000, 1.9), (2000, 1.7), (4000, 1.55), (8000, 1.45)]), (1, 2000): (1.8, [(2000, 1.8)])}
+    assert same_schedule_table([k32, k1], sync=sync)[2:] == [
+        "| muon-wp | 8,000 | 1 | its own | 2.0000: 3.00x | 1.8000: 3.00x | 1.6000: 2.00x | 1.5000: > 1.00x |",
+        "| muon-wp | 8,000 | 1 | synchronous (gpipe-muon) | 1.9000: 6.00x | 1.7000: 3.00x | 1.5500: 2.00x | 1.4500: > 1.00x |"]
 
 
 def test_error_feedback_at_c_3_takes_its_short_runs_from_the_c_probes(tmp_path, monkeypatch):
