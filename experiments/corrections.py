@@ -64,12 +64,13 @@ def ef_at(c: str) -> str:
     return f"muon-wp-ef:optim.ef_scale={c}"
 
 
-EF_C3 = ef_at("3")  # the best c at K = 32 (sweeps c32, c32s2)
+EF_C3 = ef_at("3")  # the best c at K = 32 of {0.3, 1, 3, 10} (sweeps c32, c32s2)
+EF_C5 = ef_at("5")  # better still at K = 32 (sweeps c5k32, c5s3)
 EF_SCALES = ("0.3", "3")  # the error feedback's c probed besides its default 1 (and 0: muon-wp)
 # (method, base): every correction against its base method, and the 2BW runs against synchronous
 PAIRS = [("pipedream-ef", "pipedream"), ("pipedream-dc", "pipedream"), ("muon-ef", "muon"), ("muon-wp-ef", "muon-wp"),
          ("2bw-muon-ef", ASYNC_2BW), (ASYNC_2BW, SYNC_2BW), ("2bw-muon-ef", SYNC_2BW),
-         (EF_C3, "muon-wp"), (EF_C3, "muon-wp-ef")]
+         (EF_C3, "muon-wp"), (EF_C3, "muon-wp-ef"), (EF_C5, "muon-wp"), (EF_C5, EF_C3)]
 SWEEPS = {
     "k8": (["pipedream", "pipedream-ef", "pipedream-dc", "muon", "muon-ef"], "8", "1,2,3"),
     "k32m": (["muon", "muon-ef"], "32", "1,2,3"),
@@ -100,11 +101,14 @@ SWEEPS = {
     "c8x": ([ef_at("10")], "8", "1"),
     "c16x": ([ef_at("10")], "16", "1"),
     "c3lr32": ([EF_C3], "32", "1", "1e-3,1e-2"),
-    "c5k32": ([ef_at("5")], "32", "1,2"),
+    "c5k32": ([EF_C5], "32", "1,2"),
     "c3lr8": ([EF_C3], "8", "1", "1e-3,1e-2"),
-    "c5k": ([ef_at("5")], "1,8,16", "1"),
+    "c5k": ([EF_C5], "1,8,16", "1"),
     "c10s23": ([ef_at("10")], "8,16", "2,3"),
     "c32xs3": ([ef_at("10")], "32", "3"),
+    "c5s3": ([EF_C5], "32", "3"),
+    "c7k32": ([ef_at("7")], "32", "1,2"),
+    "c3lr8x": ([EF_C3], "8", "1", "3e-2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -158,10 +162,11 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-C3_LR_PROBES = ("c3lr32", "c3lr8")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
-# the c probes: kept out of the paired table too, but for their runs at c = 3 (EF_C3, a method of its own there)
+C3_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
+# the c probes: kept out of the paired table too, but for their runs at c = 3 and 5 (EF_C3, EF_C5: methods of
+# their own there)
 SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
-                "c10s23", "c32xs3")
+                "c10s23", "c32xs3", "c5s3", "c7k32")
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -229,7 +234,7 @@ def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     runs = {name: read_runs(DATA / name) for name in SWEEPS}
     pairable = [r for name in SWEEPS if name not in LR_PROBES + C3_LR_PROBES + SCALE_PROBES for r in runs[name]]
-    pairable += [r for name in SCALE_PROBES for r in runs[name] if r["method"] == EF_C3]
+    pairable += [r for name in SCALE_PROBES for r in runs[name] if r["method"] in (EF_C3, EF_C5)]
     records = pairable + compression_muon_wp() + run_length_muon_wp_k1()
     print("\n".join(table(records)))
     probes = [r for name in LR_PROBES for r in runs[name]]

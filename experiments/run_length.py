@@ -22,12 +22,15 @@ the length:
   microbatches) for 8,000 microbatches, seeds 2 and 3 (seed 1's run, and every seed's run of
   2,000, are in docs/results/data/slow_links); 32ksync: the same for 32,000 microbatches, seed 1;
 - 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320);
-- 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 in
-  corrections.py's c probes) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
+- 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 of
+  corrections.py's first c probes, {0.3, 1, 3, 10}) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
   32,000 without one; 8k32c3s2, 8k32c3s3: the same at 8,000 on seeds 2 and 3, without K = 1
   controls (they enter the comparison with the synchronous reference). Its runs of 2,000
-  microbatches are the c probes' (corrections.py's data, C3_SWEEPS: the same regime, evaluation
-  interval and machine).
+  microbatches are the c probes' (corrections.py's data, C_SWEEPS: the same regime, evaluation
+  interval and machine);
+- 8k32c5, 8k32c5s2, 8k32c5s3: the same at c = 5 (EF_C5: better than 3 and 10 at K = 32 in the
+  later c probes), seeds 1-3, 8,000 microbatches, no K = 1 controls; its runs of 2,000 are the
+  c probes' too.
 The delay penalty of a run is its final validation loss minus its K = 1 control's (same method,
 seed and length). Both lengths run on the same machine: runs on two CPUs differ
 (docs/results/compression.md). The data files go to docs/results/data/run_length/<x>/.
@@ -42,14 +45,15 @@ import sys
 from pathlib import Path
 
 from corrections import DATA as CORRECTIONS
-from corrections import EF_C3  # muon-wp-ef with the error feedback's c at 3, the best c at K = 32
+from corrections import EF_C3  # muon-wp-ef with the error feedback's c at 3
+from corrections import EF_C5  # at c = 5, the best c at K = 32 in the c probes
 from paired_runs import mean_se, read_data, read_runs, run_sweeps
 
 METHODS = ["pipedream", "nesterov", "muon-wp"]
 EF = ["muon-wp-ef"]  # the best method at K = 16 and 32 in docs/results/slow_links.md
 SYNC_METHOD, SYNC_LR = "gpipe-muon", 3e-2  # the best synchronous schedule (M = 4 by default), tuned
 STAGES = (8, 32)
-ORDER = METHODS + EF + [EF_C3]  # the order of the rows
+ORDER = METHODS + EF + [EF_C3, EF_C5]  # the order of the rows
 LENGTH = {"2k": (2000, 80), "8k": (8000, 320), "32k": (32000, 320)}  # microbatches, evaluation interval
 # name -> (length, seeds, K, with K = 1 controls, methods)
 SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHODS),
@@ -61,16 +65,19 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
           "32k32": ("32k", "1", 32, False, ["muon-wp"]), "32k1": ("32k", "1", 1, False, ["muon-wp"]),
           "8k32c3": ("8k", "1", 32, True, [EF_C3]), "32k32c3": ("32k", "1", 32, False, [EF_C3]),
           "8k32c3s2": ("8k", "2", 32, False, [EF_C3]), "8k32c3s3": ("8k", "3", 32, False, [EF_C3]),
-          "32ksync": ("32k", "1", 1, False, [SYNC_METHOD])}
+          "32ksync": ("32k", "1", 1, False, [SYNC_METHOD]),
+          "8k32c5": ("8k", "1", 32, False, [EF_C5]), "8k32c5s2": ("8k", "2", 32, False, [EF_C5]),
+          "8k32c5s3": ("8k", "3", 32, False, [EF_C5])}
 DATA = Path("docs/results/data/run_length")
-# EF_C3's runs of 2,000 microbatches: corrections.py's c probes (same regime, evaluation interval
-# and machine), at K = 1 and 32
-C3_SWEEPS = ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3")
+# the runs of 2,000 microbatches at c = 3 and 5: corrections.py's c probes (same regime, evaluation
+# interval and machine), at K = 1 and 32
+C_SWEEPS = {EF_C3: ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3"), EF_C5: ("c5k", "c5k32", "c5s3")}
 
 
-def corrections_c3(read) -> list[dict]:
-    """EF_C3's runs in corrections.py's data, read with read_runs or read_data."""
-    return [r for name in C3_SWEEPS for r in read(CORRECTIONS / name) if r["method"] == EF_C3]
+def corrections_ef(read) -> list[dict]:
+    """EF_C3's and EF_C5's runs in corrections.py's data (C_SWEEPS), read with read_runs or read_data."""
+    return [r for method, names in C_SWEEPS.items() for name in names for r in read(CORRECTIONS / name)
+            if r["method"] == method and r["stages"] in (1, 32)]
 
 
 def command(name: str, jobs: int) -> list[str]:
@@ -374,7 +381,7 @@ def same_schedule_table(runs: list[dict], K: int = 32, sync: dict | None = None)
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "run_length_", DATA, lambda name: SWEEPS[name][4])
     records = [dict(r, length=SWEEPS[name][0]) for name in SWEEPS for r in read_runs(DATA / name)]
-    records += [dict(r, length="2k") for r in corrections_c3(read_runs)]
+    records += [dict(r, length="2k") for r in corrections_ef(read_runs)]
     print("\n".join(table(records)))
     trend = trend_table(records)
     if trend:
@@ -382,7 +389,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(trend))
     with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
         sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
-    data = [r for name in SWEEPS for r in read_data(DATA / name)] + corrections_c3(read_data)
+    data = [r for name in SWEEPS for r in read_data(DATA / name)] + corrections_ef(read_data)
     sync = merge_sync(sync, sync_of_runs(data))
     print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))

@@ -98,3 +98,16 @@ def test_the_lr_grid_of_c_3_marks_an_optimum_on_either_edge():
     assert lr_grid(low, EF_C3)[3] == "| 32 | 1 | 1.0000 | 2.3000 | 2.5000 | 0.001 (bottom of the grid) |"
     cmd = command("c3lr32", 1)
     assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--lrs") + 1]) == (EF_C3, "32", "1e-3,1e-2")
+
+
+def test_error_feedback_at_c_5_pairs_with_muon_wp_and_with_c_3():
+    from corrections import EF_C3, EF_C5, ef_at
+
+    records = runs("muon-wp", 32, [2.5, 2.5]) + runs(EF_C3, 32, [2.3, 2.3]) + runs(EF_C5, 32, [2.2, 2.25])
+    rows = [line for line in table(records) if line.startswith(f"| {EF_C5} | muon-wp")]
+    assert rows == [f"| {EF_C5} | muon-wp | 32 | 2 | 2.5000 | 2.2250 | -0.2750 +- 0.0250 |",
+                    f"| {EF_C5} | {EF_C3} | 32 | 2 | 2.3000 | 2.2250 | -0.0750 +- 0.0250 |"]
+    for name, method, K, seeds in [("c5k32", EF_C5, "32", "1,2"), ("c5s3", EF_C5, "32", "3"), ("c5k", EF_C5, "1,8,16", "1"),
+                                   ("c7k32", ef_at("7"), "32", "1,2"), ("c10s23", ef_at("10"), "8,16", "2,3")]:
+        cmd = command(name, 1)
+        assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--seeds") + 1]) == (method, K, seeds)

@@ -140,14 +140,16 @@ def test_k32_against_k1_inside_the_same_schedule():
         "| muon-wp | 8,000 | 1 | synchronous (gpipe-muon) | 1.9000: 6.00x | 1.7000: 3.00x | 1.5500: 2.00x | 1.4500: > 1.00x |"]
 
 
-def test_error_feedback_at_c_3_takes_its_short_runs_from_the_c_probes(tmp_path, monkeypatch):
+def test_error_feedback_at_c_3_and_5_takes_its_short_runs_from_the_c_probes(tmp_path, monkeypatch):
     import run_length
     from paired_runs import read_runs, write_data
 
     run = {"stages": 32, "seed": 1, "val_loss": 2.3, "updates": 2000, "tokens": 1024000, "wall_time_s": 1.0, "lr": 3e-3,
            "curve": [{"step": 2000, "tokens": 1024000, "val_loss": 2.3}]}
     write_data(tmp_path / "c32", [dict(run, method=run_length.EF_C3), dict(run, method="muon-wp-ef:optim.ef_scale=0.3")])
+    write_data(tmp_path / "c5k", [dict(run, method=run_length.EF_C5, stages=1, val_loss=1.8),
+                                  dict(run, method=run_length.EF_C5, stages=8, val_loss=1.9)])  # K = 8: no length table
     monkeypatch.setattr(run_length, "CORRECTIONS", tmp_path)
-    got = run_length.corrections_c3(read_runs)  # c1 and the others have no files: no runs
-    assert [(r["method"], r["stages"], r["val_loss"]) for r in got] == [(run_length.EF_C3, 32, 2.3)]
-    assert run_length.ORDER[-1] == run_length.EF_C3  # so that the tables can place its rows
+    got = run_length.corrections_ef(read_runs)  # c1 and the others have no files: no runs
+    assert [(r["method"], r["stages"], r["val_loss"]) for r in got] == [(run_length.EF_C3, 32, 2.3), (run_length.EF_C5, 1, 1.8)]
+    assert run_length.ORDER[-2:] == [run_length.EF_C3, run_length.EF_C5]  # so that the tables can place their rows
