@@ -39,7 +39,9 @@ runs/corrections_<x>/:
   and at K = 1, 8, 16 (seed 1);
 - c3lr32, c3lr8: EF_C3 at lr 1e-3 and 1e-2 (besides 3e-3), K = 32 and 8, seed 1: c and the lr
   tuned jointly (muon-wp-ef's lr was tuned at c = 1, where K = 8 chose 1e-2; docs/results/
-  convergence.md, "The lr at depth").
+  convergence.md, "The lr at depth"); c3lr8x: 3e-2 at K = 8 (1e-2 was the top edge there);
+  c3lr8s23: 1e-2 at K = 8 on seeds 2 and 3; c3lr1, c3lr16: 1e-2 at K = 1 and 16, seed 1;
+- c5s3, c7k32: c = 5 at K = 32 on seed 3, c = 7 on seeds 1 and 2 (c = 5 beat 3 and 10 there).
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
 Every correction is paired with its base method at the same K and seed. The sweeps at depth
@@ -109,6 +111,9 @@ SWEEPS = {
     "c5s3": ([EF_C5], "32", "3"),
     "c7k32": ([ef_at("7")], "32", "1,2"),
     "c3lr8x": ([EF_C3], "8", "1", "3e-2"),
+    "c3lr8s23": ([EF_C3], "8", "2,3", "1e-2"),
+    "c3lr1": ([EF_C3], "1", "1", "1e-2"),
+    "c3lr16": ([EF_C3], "16", "1", "1e-2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -162,7 +167,7 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-C3_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
+C3_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x", "c3lr8s23", "c3lr1", "c3lr16")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
 # the c probes: kept out of the paired table too, but for their runs at c = 3 and 5 (EF_C3, EF_C5: methods of
 # their own there)
 SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
