@@ -33,10 +33,9 @@ runs/corrections_<x>/:
   with the delay; c32s3, c1s3: c = 3 on seed 3; c32xs2: c = 10 on seed 2;
 - k8c3, k16c3: muon-wp-ef at c = 3 (EF_C3) at K = 8 and 16, seeds 1-3. EF_C3 is paired with
   muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included;
-  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c10s23,
-  c32xs3: c = 10 on the other seeds (K = 8 and 16: seeds 2, 3; K = 32: seed 3), so that c = 3's
-  optimum is checked on every seed; c5k32, c5k: c = 5, between the two, at K = 32 (seeds 1, 2)
-  and at K = 1, 8, 16 (seed 1);
+  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c32xs3: c = 10
+  at K = 32 on seed 3; c5k32, c5k: c = 5, between the two, at K = 32 (seeds 1, 2) and at K = 1,
+  8, 16 (seed 1); c5k16s23: c = 5 at K = 16 on seeds 2 and 3;
 - c3lr32, c3lr8: EF_C3 at lr 1e-3 and 1e-2 (besides 3e-3), K = 32 and 8, seed 1: c and the lr
   tuned jointly (muon-wp-ef's lr was tuned at c = 1, where K = 8 chose 1e-2; docs/results/
   convergence.md, "The lr at depth"); c3lr8x: 3e-2 at K = 8 (1e-2 was the top edge there);
@@ -106,7 +105,6 @@ SWEEPS = {
     "c5k32": ([EF_C5], "32", "1,2"),
     "c3lr8": ([EF_C3], "8", "1", "1e-3,1e-2"),
     "c5k": ([EF_C5], "1,8,16", "1"),
-    "c10s23": ([ef_at("10")], "8,16", "2,3"),
     "c32xs3": ([ef_at("10")], "32", "3"),
     "c5s3": ([EF_C5], "32", "3"),
     "c7k32": ([ef_at("7")], "32", "1,2"),
@@ -114,6 +112,7 @@ SWEEPS = {
     "c3lr8s23": ([EF_C3], "8", "2,3", "1e-2"),
     "c3lr1": ([EF_C3], "1", "1", "1e-2"),
     "c3lr16": ([EF_C3], "16", "1", "1e-2"),
+    "c5k16s23": ([EF_C5], "16", "2,3"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -171,7 +170,7 @@ C3_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x", "c3lr8s23", "c3lr1", "c3lr16")  # E
 # the c probes: kept out of the paired table too, but for their runs at c = 3 and 5 (EF_C3, EF_C5: methods of
 # their own there)
 SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
-                "c10s23", "c32xs3", "c5s3", "c7k32")
+                "c32xs3", "c5s3", "c7k32", "c5k16s23")
 
 
 def scale_table(records: list[dict]) -> list[str]:

@@ -108,6 +108,6 @@ def test_error_feedback_at_c_5_pairs_with_muon_wp_and_with_c_3():
     assert rows == [f"| {EF_C5} | muon-wp | 32 | 2 | 2.5000 | 2.2250 | -0.2750 +- 0.0250 |",
                     f"| {EF_C5} | {EF_C3} | 32 | 2 | 2.3000 | 2.2250 | -0.0750 +- 0.0250 |"]
     for name, method, K, seeds in [("c5k32", EF_C5, "32", "1,2"), ("c5s3", EF_C5, "32", "3"), ("c5k", EF_C5, "1,8,16", "1"),
-                                   ("c7k32", ef_at("7"), "32", "1,2"), ("c10s23", ef_at("10"), "8,16", "2,3")]:
+                                   ("c7k32", ef_at("7"), "32", "1,2"), ("c5k16s23", EF_C5, "16", "2,3")]:
         cmd = command(name, 1)
         assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--seeds") + 1]) == (method, K, seeds)

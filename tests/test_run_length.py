@@ -114,6 +114,8 @@ def test_the_best_run_of_any_length_on_each_side():
     assert rows[1] == ["1.4000 (8,000)", "30,000 (32,000)", "7,840 (8,000)", "3.83x"]
     lines = best_reach_table([run(8000, [(8000, 1.5)])], sync)
     assert lines[-1].endswith("| not reached in 8,000 | 7,840 (8,000) | > 1.02x |")
+    # a run that stops (2,000) before the synchronous run gets there (7,840) bounds nothing: no row
+    assert [line.split(" | ")[3] for line in best_reach_table([run(2000, [(2000, 1.85)])], sync)[2:]] == ["1.8000 (2,000)"]
 
 
 def test_k32_against_k1_inside_the_same_schedule():
