@@ -33,13 +33,14 @@ runs/corrections_<x>/:
   with the delay; c32s3, c1s3: c = 3 on seed 3; c32xs2: c = 10 on seed 2;
 - k8c3, k16c3: muon-wp-ef at c = 3 (EF_C3) at K = 8 and 16, seeds 1-3. EF_C3 is paired with
   muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included;
-  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c32xs3: c = 10
-  at K = 32 on seed 3; c5k32, c5k: c = 5, between the two, at K = 32 (seeds 1, 2) and at K = 1,
-  8, 16 (seed 1); c5k16s23: c = 5 at K = 16 on seeds 2 and 3;
+  c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c5k32, c5k:
+  c = 5 (EF_C5), between the two, at K = 32 (seeds 1, 2) and at K = 1, 8, 16 (seed 1);
+  c5k16s23: c = 5 at K = 16 on seeds 2 and 3;
 - c3lr32, c3lr8: EF_C3 at lr 1e-3 and 1e-2 (besides 3e-3), K = 32 and 8, seed 1: c and the lr
   tuned jointly (muon-wp-ef's lr was tuned at c = 1, where K = 8 chose 1e-2; docs/results/
   convergence.md, "The lr at depth"); c3lr8x: 3e-2 at K = 8 (1e-2 was the top edge there);
   c3lr8s23: 1e-2 at K = 8 on seeds 2 and 3; c3lr1, c3lr16: 1e-2 at K = 1 and 16, seed 1;
+  c5lr8: EF_C5 at 1e-2, K = 8, seed 1;
 - c5s3, c7k32: c = 5 at K = 32 on seed 3, c = 7 on seeds 1 and 2 (c = 5 beat 3 and 10 there).
 The base methods are run again here, not read from the convergence benchmark's data: runs on
 another CPU differ (docs/results/compression.md, "The uncompressed runs are made again here").
@@ -55,7 +56,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from paired_runs import paired, read_runs, run_sweeps
+from paired_runs import paired, read_data, read_runs, run_sweeps
 
 # The paper's own setting (arXiv 2606.30634): PipeDream-2BW (a delay of one update) with Muon,
 # with and without error feedback, against the synchronous schedule at the same M = 8 and K.
@@ -105,7 +106,6 @@ SWEEPS = {
     "c5k32": ([EF_C5], "32", "1,2"),
     "c3lr8": ([EF_C3], "8", "1", "1e-3,1e-2"),
     "c5k": ([EF_C5], "1,8,16", "1"),
-    "c32xs3": ([ef_at("10")], "32", "3"),
     "c5s3": ([EF_C5], "32", "3"),
     "c7k32": ([ef_at("7")], "32", "1,2"),
     "c3lr8x": ([EF_C3], "8", "1", "3e-2"),
@@ -113,6 +113,7 @@ SWEEPS = {
     "c3lr1": ([EF_C3], "1", "1", "1e-2"),
     "c3lr16": ([EF_C3], "16", "1", "1e-2"),
     "c5k16s23": ([EF_C5], "16", "2,3"),
+    "c5lr8": ([EF_C5], "8", "1", "1e-2"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -166,11 +167,12 @@ def table(records: list[dict]) -> list[str]:
 
 
 LR_PROBES = ("b8lr",)  # sweeps at another lr than their pairs': kept out of the paired table
-C3_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x", "c3lr8s23", "c3lr1", "c3lr16")  # EF_C3 at 1e-3 and 1e-2: kept out of the paired table too
+# EF_C3 and EF_C5 at other lrs than 3e-3: kept out of the paired table too
+C_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x", "c3lr8s23", "c3lr1", "c3lr16", "c5lr8")
 # the c probes: kept out of the paired table too, but for their runs at c = 3 and 5 (EF_C3, EF_C5: methods of
 # their own there)
 SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
-                "c32xs3", "c5s3", "c7k32", "c5k16s23")
+                "c5s3", "c7k32", "c5k16s23")
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -234,10 +236,19 @@ def lr_grid(records: list[dict], method: str) -> list[str]:
     return lines
 
 
+def against_sync(runs: list[dict]) -> list[str]:
+    """Runs of 2,000 microbatches (read_data's, curves included) against the best synchronous
+    schedule of their seed, as run_length.py reads its own runs (sync_table): the gap, and the
+    microbatch at which each first reaches the synchronous loss, over the synchronous run's."""
+    from run_length import load_sync, sync_table  # run_length imports this module
+
+    return sync_table(runs, load_sync([]))
+
+
 def main(argv: list[str]) -> int:
     run_sweeps(argv, __doc__.split("\n\n")[0], SWEEPS, command, "corrections_", DATA)
     runs = {name: read_runs(DATA / name) for name in SWEEPS}
-    pairable = [r for name in SWEEPS if name not in LR_PROBES + C3_LR_PROBES + SCALE_PROBES for r in runs[name]]
+    pairable = [r for name in SWEEPS if name not in LR_PROBES + C_LR_PROBES + SCALE_PROBES for r in runs[name]]
     pairable += [r for name in SCALE_PROBES for r in runs[name] if r["method"] in (EF_C3, EF_C5)]
     records = pairable + compression_muon_wp() + run_length_muon_wp_k1()
     print("\n".join(table(records)))
@@ -249,10 +260,16 @@ def main(argv: list[str]) -> int:
     if scales:
         print("\nmuon-wp-ef against the error feedback's c:")
         print("\n".join(scale_table(scales + records)))
-    c3_lrs = [r for name in C3_LR_PROBES for r in runs[name]]
-    if c3_lrs:
-        print(f"\n{EF_C3} against the lr (3e-3: the runs of the paired table):")
-        print("\n".join(lr_grid(c3_lrs + records, EF_C3)))
+    c_lrs = [r for name in C_LR_PROBES for r in runs[name]]
+    for method in (EF_C3, EF_C5):
+        grid = lr_grid(c_lrs + records, method)
+        if len(grid) > 2:
+            print(f"\n{method} against the lr (3e-3: the runs of the tables above):")
+            print("\n".join(grid))
+    tuned = [r for name in C_LR_PROBES for r in read_data(DATA / name) if r["lr"] == 1e-2]
+    if tuned:
+        print("\nAt lr 1e-2 against the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
+        print("\n".join(against_sync(tuned)))
     print("\nThe delay penalty of every method with K = 1 runs (paired by seed):")
     print("\n".join(penalty_table(records)))
     return 0

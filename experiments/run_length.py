@@ -239,6 +239,14 @@ def sync_of_runs(records: list[dict]) -> dict[tuple[int, int], tuple[float, list
             for r in records if r["method"] == SYNC_METHOD and r.get("lr") == SYNC_LR}
 
 
+def load_sync(data: list[dict]) -> dict[tuple[int, int], tuple[float, list[tuple[int, float]]]]:
+    """sync_reference's map from SYNC's data files and this experiment's own synchronous runs
+    among `data` (read_data's runs)."""
+    with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
+        sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
+    return merge_sync(sync, sync_of_runs(data))
+
+
 def merge_sync(*maps: dict) -> dict:
     """One map of synchronous references from several; two runs for one key must agree."""
     out: dict = {}
@@ -389,10 +397,8 @@ def main(argv: list[str]) -> int:
     if trend:
         print("\nThe seeds with runs of every length:")
         print("\n".join(trend))
-    with open(SYNC / "runs.csv", newline="") as f, open(SYNC / "curves.csv", newline="") as g:
-        sync = sync_reference(list(csv.DictReader(f)), list(csv.DictReader(g)))
     data = [r for name in SWEEPS for r in read_data(DATA / name)] + corrections_ef(read_data)
-    sync = merge_sync(sync, sync_of_runs(data))
+    sync = load_sync(data)
     print("\nAgainst the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
     print("\n".join(sync_table([r for r in data if r["method"] != SYNC_METHOD], sync)))
     print("\nEach side's best run of any length:")

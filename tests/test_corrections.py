@@ -111,3 +111,15 @@ def test_error_feedback_at_c_5_pairs_with_muon_wp_and_with_c_3():
                                    ("c7k32", ef_at("7"), "32", "1,2"), ("c5k16s23", EF_C5, "16", "2,3")]:
         cmd = command(name, 1)
         assert (cmd[cmd.index("--methods") + 1], cmd[cmd.index("--stages") + 1], cmd[cmd.index("--seeds") + 1]) == (method, K, seeds)
+
+
+def test_runs_at_another_lr_are_read_against_the_synchronous_run_of_their_seed(monkeypatch):
+    from corrections import EF_C3, against_sync
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the synchronous runs' data files
+    run = {"method": EF_C3, "stages": 8, "seed": 1, "updates": 2000, "lr": 1e-2, "val_loss": 1.5,
+           "curve": [{"step": 1000, "val_loss": 2.0}, {"step": 1600, "val_loss": 1.7}, {"step": 2000, "val_loss": 1.5}]}
+    row = against_sync([run])[2]
+    # seed 1's gpipe-muon run of 2,000 microbatches ends at 1.7911 (docs/results/data/slow_links):
+    # this run is there at 1,600, 0.80x the synchronous run's 2,000
+    assert row.startswith(f"| {EF_C3} | 8 | 2,000 | 1 | 1.5000 | 1.7911 | -0.2911 | 1,600 | 2,000 | 0.80x |")
