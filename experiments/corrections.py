@@ -157,7 +157,7 @@ def table(records: list[dict]) -> list[str]:
             if stats is not None:
                 n, loss_base, loss_method, diff, se = stats
                 lines.append(f"| {method} | {base} | {K} | {n} | {loss_base:.4f} | {loss_method:.4f} | "
-                             f"{diff:+.4f} +- {se:.4f} |")
+                             f"{diff:+.4f}" + (f" +- {se:.4f} |" if n > 1 else " (one seed) |"))
     lines += ["", "| method | K | final validation loss, seeds in order |", "|---|---|---|"]
     for method, K in sorted({(r["method"], r["stages"]) for r in records}, key=lambda mk: (mk[1], mk[0])):
         runs = sorted((r["seed"], r["val_loss"]) for r in records if r["method"] == method and r["stages"] == K)

@@ -107,6 +107,8 @@ def test_error_feedback_at_c_5_pairs_with_muon_wp_and_with_c_3():
     rows = [line for line in table(records) if line.startswith(f"| {EF_C5} | muon-wp")]
     assert rows == [f"| {EF_C5} | muon-wp | 32 | 2 | 2.5000 | 2.2250 | -0.2750 +- 0.0250 |",
                     f"| {EF_C5} | {EF_C3} | 32 | 2 | 2.3000 | 2.2250 | -0.0750 +- 0.0250 |"]
+    one = [line for line in table(records[:1] + records[2:3] + records[4:5]) if line.startswith(f"| {EF_C5} | muon-wp |")]
+    assert one == [f"| {EF_C5} | muon-wp | 32 | 1 | 2.5000 | 2.2000 | -0.3000 (one seed) |"]  # no s.e. of one pair
     for name, method, K, seeds in [("c5k32", EF_C5, "32", "1,2"), ("c5s3", EF_C5, "32", "3"), ("c5k", EF_C5, "1,8,16", "1"),
                                    ("c7k32", ef_at("7"), "32", "1,2"), ("c5k16s23", EF_C5, "16", "2,3")]:
         cmd = command(name, 1)
