@@ -23,8 +23,8 @@ the length:
   2,000, are in docs/results/data/slow_links); 32ksync: the same for 32,000 microbatches, seed 1;
 - 32k32, 32k1: muon-wp at K = 32 and K = 1, seed 1, 32,000 microbatches (evaluated every 320);
 - 8k32c3, 32k32c3: muon-wp-ef with the error feedback's c at 3 (EF_C3: the best c at K = 32 of
-  corrections.py's first c probes, {0.3, 1, 3, 10}) at K = 32, seed 1, 8,000 microbatches with its K = 1 control and
-  32,000 without one; 8k32c3s2, 8k32c3s3: the same at 8,000 on seeds 2 and 3, without K = 1
+  corrections.py's first c probes, {0.3, 1, 3, 10}) at K = 32, seed 1, 8,000 microbatches with
+  its K = 1 control and 32,000 without one; 8k32c3s2, 8k32c3s3: the same at 8,000 on seeds 2 and 3, without K = 1
   controls (they enter the comparison with the synchronous reference). Its runs of 2,000
   microbatches are the c probes' (corrections.py's data, C_SWEEPS: the same regime, evaluation
   interval and machine);
