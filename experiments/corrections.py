@@ -35,7 +35,7 @@ runs/corrections_<x>/:
   muon-wp and with muon-wp-ef (c = 1) in the paired table, its runs in the c probes included;
   c8x, c16x: c = 10 at K = 8 and 16, seed 1, where c = 3 was the top of the grid; c5k32, c5k:
   c = 5 (EF_C5), between the two, at K = 32 (seeds 1, 2) and at K = 1, 8, 16 (seed 1);
-  c5k16s23: c = 5 at K = 16 on seeds 2 and 3;
+  c5k16s23, c5s23: c = 5 at K = 16 and at K = 1 and 8 on seeds 2 and 3;
 - c3lr32, c3lr8: EF_C3 at lr 1e-3 and 1e-2 (besides 3e-3), K = 32 and 8, seed 1: c and the lr
   tuned jointly (muon-wp-ef's lr was tuned at c = 1, where K = 8 chose 1e-2; docs/results/
   convergence.md, "The lr at depth"); c3lr8x: 3e-2 at K = 8 (1e-2 was the top edge there);
@@ -114,6 +114,7 @@ SWEEPS = {
     "c3lr16": ([EF_C3], "16", "1", "1e-2"),
     "c5k16s23": ([EF_C5], "16", "2,3"),
     "c5lr8": ([EF_C5], "8", "1", "1e-2"),
+    "c5s23": ([EF_C5], "1,8", "2,3"),
 }
 DATA = Path("docs/results/data/corrections")
 # muon-wp at K = 8 (the base of k8w) is not run again: compression.py's sweep k8 ran it on the
@@ -172,7 +173,7 @@ C_LR_PROBES = ("c3lr32", "c3lr8", "c3lr8x", "c3lr8s23", "c3lr1", "c3lr16", "c5lr
 # the c probes: kept out of the paired table too, but for their runs at c = 3 and 5 (EF_C3, EF_C5: methods of
 # their own there)
 SCALE_PROBES = ("c1", "c32", "c1s2", "c32s2", "c32x", "c1x", "c32s3", "c1s3", "c32xs2", "c8x", "c16x", "c5k32", "c5k",
-                "c5s3", "c7k32", "c5k16s23")
+                "c5s3", "c7k32", "c5k16s23", "c5s23")
 
 
 def scale_table(records: list[dict]) -> list[str]:

@@ -71,7 +71,7 @@ SWEEPS = {"2k": ("2k", "1", 8, True, METHODS), "8k": ("8k", "1", 8, True, METHOD
 DATA = Path("docs/results/data/run_length")
 # the runs of 2,000 microbatches at c = 3 and 5: corrections.py's c probes (same regime, evaluation
 # interval and machine), at K = 1 and 32
-C_SWEEPS = {EF_C3: ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3"), EF_C5: ("c5k", "c5k32", "c5s3")}
+C_SWEEPS = {EF_C3: ("c1", "c32", "c1s2", "c32s2", "c1s3", "c32s3"), EF_C5: ("c5k", "c5k32", "c5s3", "c5s23")}
 
 
 def corrections_ef(read) -> list[dict]:
