@@ -261,13 +261,13 @@ def main(argv: list[str]) -> int:
     if scales:
         print("\nmuon-wp-ef against the error feedback's c:")
         print("\n".join(scale_table(scales + records)))
-    c_lrs = [r for name in C_LR_PROBES for r in runs[name]]
+    c_lrs = [r for name in C_LR_PROBES for r in read_data(DATA / name)]  # with curves, for against_sync
     for method in (EF_C3, EF_C5):
         grid = lr_grid(c_lrs + records, method)
         if len(grid) > 2:
             print(f"\n{method} against the lr (3e-3: the runs of the tables above):")
             print("\n".join(grid))
-    tuned = [r for name in C_LR_PROBES for r in read_data(DATA / name) if r["lr"] == 1e-2]
+    tuned = [r for r in c_lrs if r["lr"] == 1e-2]
     if tuned:
         print("\nAt lr 1e-2 against the best synchronous schedule (gpipe-muon, M = 4, lr 3e-2):")
         print("\n".join(against_sync(tuned)))
